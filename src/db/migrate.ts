@@ -1,0 +1,48 @@
+import path from 'node:path';
+import { readdir } from 'node:fs/promises';
+import { fileURLToPath } from 'node:url';
+import { Logger, migrate } from 'graphile-migrate';
+import pg from 'pg';
+
+/** The folder with the committed migrations (graphile-migrate's `migrationsFolder`, as in .gmrc). */
+export const migrationsFolder = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../db');
+
+/**
+ * Brings the database to the current schema with graphile-migrate (committed migrations only). Safe to run from
+ * several processes at once: graphile-migrate serialises them with an advisory lock.
+ */
+export async function runMigrations(connectionString: string, log: (msg: string) => void = () => {}): Promise<void> {
+  await migrate(
+    {
+      connectionString,
+      migrationsFolder,
+      manageGraphileMigrateSchema: true,
+      logger: quietLogger(log),
+    } as Parameters<typeof migrate>[0],
+    false,
+    false,
+  );
+}
+
+/** The name of the newest committed migration, e.g. `000002.sql`. */
+export async function latestMigration(): Promise<string> {
+  const files = (await readdir(path.join(migrationsFolder, 'committed'))).filter((f) => /^\d+.*\.sql$/.test(f));
+  files.sort();
+  const last = files.at(-1);
+  if (!last) throw new Error(`no committed migrations in ${migrationsFolder}/committed`);
+  return last;
+}
+
+/** True when the database has every committed migration applied (what /readyz asks). */
+export async function migrationsApplied(client: pg.ClientBase | pg.Pool): Promise<boolean> {
+  const expected = await latestMigration();
+  const res = await client.query<{ filename: string }>(
+    `select filename from graphile_migrate.migrations order by filename desc limit 1`,
+  );
+  return res.rows[0]?.filename === expected;
+}
+
+/** graphile-migrate's default logger prints to the console; route its lines to ours instead. */
+function quietLogger(log: (msg: string) => void): Logger {
+  return new Logger(() => (level, message) => log(level === 'info' ? message : `${level}: ${message}`));
+}

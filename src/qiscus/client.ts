@@ -1,0 +1,129 @@
+import { got, RequestError, type Response } from 'got';
+import type { z } from 'zod';
+import { QiscusError, kindForStatus, messageFromBody, parseRetryAfter } from './errors.ts';
+import { AgentsPageSchema, AssignAgentResponseSchema, type QiscusAgent } from './schemas.ts';
+
+export type { QiscusAgent } from './schemas.ts';
+export { QiscusError, isQiscusError, type QiscusErrorKind } from './errors.ts';
+
+export interface QiscusClientOptions {
+  baseUrl: string;
+  appId: string;
+  secretKey: string;
+  /** Time allowed to open the TCP connection. Default 3000 ms. */
+  connectTimeoutMs?: number;
+  /** Time allowed between sending the request and receiving the answer's headers. Default 10000 ms. */
+  responseTimeoutMs?: number;
+}
+
+export interface AssignResult {
+  /** Qiscus's service (session) id for the room, when the answer carried one. */
+  serviceId: number | null;
+  agentId: number;
+}
+
+export interface QiscusClient {
+  listAgentsPage(page: number, limit: number): Promise<{ agents: QiscusAgent[]; totalCount: number }>;
+  listAllAgents(limit?: number): Promise<QiscusAgent[]>;
+  assignAgent(roomId: string, agentId: number): Promise<AssignResult>;
+}
+
+export function createQiscusClient(opts: QiscusClientOptions): QiscusClient {
+  const connect = opts.connectTimeoutMs ?? 3000;
+  const response = opts.responseTimeoutMs ?? 10000;
+  // Fail at construction rather than on the first call with an obscure got error.
+  const base = new URL(opts.baseUrl);
+  const baseHref = base.href.replace(/\/+$/, '');
+
+  const http = got.extend({
+    headers: { 'Qiscus-App-Id': opts.appId, 'Qiscus-Secret-Key': opts.secretKey, accept: 'application/json' },
+    // Retries are decided in SQL (attempt counts, backoff, queue order); a hidden retry here would double them.
+    retry: { limit: 0 },
+    // Non-2xx answers come back as responses so we can classify them and read Qiscus's message.
+    throwHttpErrors: false,
+    // `request` bounds the whole exchange, body included, so nothing can hang forever.
+    timeout: { connect, response, request: connect + response },
+    followRedirect: false,
+  });
+
+  async function call<S extends z.ZodType>(
+    op: string,
+    send: () => Promise<Response<string>>,
+    schema: S,
+  ): Promise<z.output<S>> {
+    let res: Response<string>;
+    try {
+      res = await send();
+    } catch (e) {
+      // No HTTP answer at all: timeouts, refused/reset connections, DNS. All worth another try later.
+      const code = e instanceof RequestError ? e.code : undefined;
+      const msg = e instanceof Error ? e.message : String(e);
+      throw new QiscusError({ kind: 'transient', message: `${op}: ${msg}`, code, cause: e });
+    }
+
+    const status = res.statusCode;
+    if (status < 200 || status >= 300) {
+      const kind = kindForStatus(status);
+      throw new QiscusError({
+        kind,
+        status,
+        message: messageFromBody(res.body ?? '', status, res.statusMessage),
+        retryAfterSeconds: kind === 'transient' ? parseRetryAfter(res.headers['retry-after']) : undefined,
+      });
+    }
+
+    // A 2xx we cannot read is treated as transient: a proxy or a Qiscus hiccup, not a verdict on the room.
+    let json: unknown;
+    try {
+      json = JSON.parse(res.body);
+    } catch {
+      throw new QiscusError({ kind: 'transient', status, message: `${op}: answer is not JSON: ${res.body.slice(0, 200)}` });
+    }
+    const parsed = schema.safeParse(json);
+    if (!parsed.success) {
+      const issue = parsed.error.issues[0];
+      const where = issue ? `${issue.path.join('.') || '(root)'}: ${issue.message}` : 'invalid';
+      throw new QiscusError({ kind: 'transient', status, message: `${op}: unexpected answer shape (${where})` });
+    }
+    return parsed.data;
+  }
+
+  async function listAgentsPage(page: number, limit: number) {
+    const body = await call(
+      'list agents',
+      () => http.get(`${baseHref}/api/v2/admin/agents`, { searchParams: { page, limit } }),
+      AgentsPageSchema,
+    );
+    return { agents: body.data.agents, totalCount: body.meta.total_count };
+  }
+
+  async function listAllAgents(limit = 100): Promise<QiscusAgent[]> {
+    if (!Number.isInteger(limit) || limit < 1) throw new RangeError(`limit must be a positive integer, got ${limit}`);
+    // Keyed by id: if the roster shifts between pages, an agent may show up twice; keep the latest view.
+    const byId = new Map<number, QiscusAgent>();
+    let maxPages = 1;
+    for (let page = 1; page <= maxPages; page++) {
+      const { agents, totalCount } = await listAgentsPage(page, limit);
+      for (const a of agents) byId.set(a.id, a);
+      // One extra page beyond what total_count promises tolerates a roster that grew while paging, and
+      // bounds the loop if Qiscus ever ignores `page` and keeps answering full pages.
+      maxPages = Math.ceil(totalCount / limit) + 1;
+      if (agents.length < limit || byId.size >= totalCount) break;
+    }
+    return [...byId.values()];
+  }
+
+  async function assignAgent(roomId: string, agentId: number): Promise<AssignResult> {
+    const body = await call(
+      'assign agent',
+      () =>
+        http.post(`${baseHref}/api/v1/admin/service/assign_agent`, {
+          json: { room_id: roomId, agent_id: agentId, max_agent: 1 },
+        }),
+      AssignAgentResponseSchema,
+    );
+    return { serviceId: body.data.service?.id ?? null, agentId: body.data.added_agent?.id ?? agentId };
+  }
+
+  return { listAgentsPage, listAllAgents, assignAgent };
+}

@@ -1,0 +1,63 @@
+import { z } from 'zod';
+
+/*
+ * Only the fields we use are declared; zod drops the rest, so new or unknown Qiscus fields never break parsing.
+ * Fields that Qiscus may plausibly send as null or leave out get a safe default instead of failing a whole
+ * roster page: an agent with an unknown availability is treated as offline.
+ */
+
+const boolOr = (fallback: boolean) =>
+  z
+    .boolean()
+    .nullish()
+    .transform((v) => v ?? fallback);
+
+export const QiscusAgentSchema = z.object({
+  id: z.number().int(),
+  name: z
+    .string()
+    .nullish()
+    .transform((v) => v ?? ''),
+  email: z
+    .string()
+    .nullish()
+    .transform((v) => v ?? null),
+  is_available: boolOr(false),
+  force_offline: boolOr(false),
+  current_customer_count: z
+    .number()
+    .int()
+    .nonnegative()
+    .nullish()
+    .transform((v) => v ?? 0),
+  // Only "agent" serves rooms; a missing type therefore means "does not serve".
+  type_as_string: z
+    .string()
+    .nullish()
+    .transform((v) => v ?? ''),
+});
+export type QiscusAgent = z.output<typeof QiscusAgentSchema>;
+
+/** `GET /api/v2/admin/agents` (fixtures/qiscus/agents-page.json). */
+export const AgentsPageSchema = z.object({
+  data: z.object({
+    agents: z
+      .array(QiscusAgentSchema)
+      .nullish()
+      .transform((v) => v ?? []),
+  }),
+  meta: z.object({
+    total_count: z.number().int().nonnegative(),
+    per_page: z.number().int().nullish(),
+  }),
+});
+export type AgentsPage = z.output<typeof AgentsPageSchema>;
+
+/** `POST /api/v1/admin/service/assign_agent` (fixtures/qiscus/assign-agent-response.json). */
+export const AssignAgentResponseSchema = z.object({
+  data: z.object({
+    added_agent: z.object({ id: z.number().int() }).nullish(),
+    service: z.object({ id: z.number().int().nullish() }).nullish(),
+  }),
+});
+export type AssignAgentResponse = z.output<typeof AssignAgentResponseSchema>;
