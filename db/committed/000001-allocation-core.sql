@@ -1,5 +1,5 @@
 --! Previous: -
---! Hash: sha1:d4087795a99ca66819c14a365c4ef90c93887a15
+--! Hash: sha1:aaf97ee597cecabff7dd34aa5c13a504d2557595
 --! Message: allocation core
 
 --------------------------------------------------------------------------------------------------------------------
@@ -17,6 +17,8 @@
 --   waiting ──reserve()──▶ reserved ──confirm()──▶ assigned ──resolve──▶ resolved
 --      ▲                      │
 --      └──fail_transient() / fail_for_agent() / release() / rescue_expired()
+--   After a failure that Qiscus may have acted on anyway (timeout, 5xx, expired lease) the waiting room keeps its
+--   agent's slot (holds_slot) and goes back to that agent first: a repeat is harmless, a second agent is not.
 --   waiting|reserved ──(too many attempts, or refused by every agent)──▶ failed
 --   waiting|reserved|assigned ──resolution webhook──▶ resolved
 --------------------------------------------------------------------------------------------------------------------
@@ -48,7 +50,17 @@ returns integer
 language sql stable
 as $$
   select coalesce(
-    (select case when value ~ '^\s*-?\d+\s*$' then value::integer end
+    (select case when value ~ '^\s*-?\d{1,9}\s*$' then value::integer end
+       from allocator.settings where key = setting_key),
+    fallback);
+$$;
+
+create function allocator.setting_num(setting_key text, fallback numeric)
+returns numeric
+language sql stable
+as $$
+  select coalesce(
+    (select case when value ~ '^\s*\d{1,9}(\.\d{1,6})?\s*$' then value::numeric end
        from allocator.settings where key = setting_key),
     fallback);
 $$;
@@ -80,7 +92,8 @@ create table allocator.agents (
   created_at       timestamptz not null default now()
 );
 comment on column allocator.agents.load is
-  'Rooms this service holds open for the agent (reserved + assigned). Changed only by the allocator functions; '
+  'Rooms this service holds open for the agent (reserved + assigned + waiting with holds_slot). Changed only by '
+  'the allocator functions; '
   'a trigger refuses any increase beyond capacity.';
 comment on column allocator.agents.external_load is
   'Rooms Qiscus shows the agent holding that we did not assign (assigned by hand), from the last roster sync.';
@@ -163,7 +176,8 @@ create table allocator.sessions (
   attempt_id       bigint,                   -- the current reservation (attempts.id) while reserved
   attempts         integer not null default 0,       -- reservations made so far
   excluded_agents  bigint[] not null default '{}',   -- agents Qiscus refused for this room: never tried again
-  last_agent_id    bigint,                   -- agent of the last failed try: retried first, since the call may have gone through
+  holds_slot       boolean not null default false, -- waiting, but still counted on agent_id: see requeue()
+  last_agent_id    bigint,                   -- agent of the last failed try: preferred for the retry
   last_error       text,
   next_attempt_at  timestamptz not null default now(),   -- backoff: not reserved before this
   lease_expires_at timestamptz,              -- while reserved: rescue_expired() puts it back after this
@@ -176,7 +190,8 @@ create table allocator.sessions (
   updated_at       timestamptz not null default now(),
   constraint reserved_has_lease check (state <> 'reserved' or (agent_id is not null and attempt_id is not null
                                                                  and lease_expires_at is not null)),
-  constraint assigned_has_agent check (state <> 'assigned' or agent_id is not null)
+  constraint assigned_has_agent check (state <> 'assigned' or agent_id is not null),
+  constraint hold_is_waiting check (not holds_slot or (state = 'waiting' and agent_id is not null))
 );
 comment on table allocator.sessions is 'One row per customer session in a room. A room has at most one open session '
   '(waiting, reserved or assigned); a returning customer opens a new one.';
@@ -191,6 +206,8 @@ create index sessions_queue on allocator.sessions (priority desc, queued_at, id)
 create index sessions_due on allocator.sessions (next_attempt_at) where state = 'waiting';
 -- Rescue of expired leases.
 create index sessions_leases on allocator.sessions (lease_expires_at) where state = 'reserved';
+-- Rooms holding a slot after an ambiguous failure: retried first, with their agent.
+create index sessions_held on allocator.sessions (next_attempt_at) where state = 'waiting' and holds_slot;
 -- Open rooms per agent (load checks, roster sync).
 create index sessions_open_by_agent on allocator.sessions (agent_id) where state in ('reserved', 'assigned');
 
@@ -274,6 +291,27 @@ create trigger notify_settings
 -- Webhooks in
 --------------------------------------------------------------------------------------------------------------------
 
+-- A JSON number as a bigint; null for anything else (a string, a fraction, a value out of range), so that odd
+-- input can never make a webhook fail here.
+create function allocator.json_bigint(v jsonb)
+returns bigint
+language plpgsql immutable
+as $$
+declare
+  n numeric;
+begin
+  -- plpgsql, not SQL: an inlined SQL CASE may be constant-folded, casting before the type is checked
+  if jsonb_typeof(v) is distinct from 'number' then
+    return null;
+  end if;
+  n := (v #>> '{}')::numeric;
+  if n <> trunc(n) or n not between -9223372036854775808 and 9223372036854775807 then
+    return null;
+  end if;
+  return n::bigint;
+end;
+$$;
+
 -- Serialises all work on one room (webhooks of both kinds), so "is there an open session?" and "open one" cannot
 -- interleave. Transaction-scoped: released at commit.
 create function allocator.lock_room(room text)
@@ -293,8 +331,7 @@ language plpgsql
 as $$
 declare
   room      text   := nullif(btrim(payload ->> 'room_id'), '');
-  prior     bigint := case when jsonb_typeof(payload -> 'latest_service' -> 'id') = 'number'
-                           then (payload -> 'latest_service' ->> 'id')::numeric::bigint end;
+  prior     bigint := allocator.json_bigint(payload -> 'latest_service' -> 'id');
   last      allocator.sessions;
   v_outcome text;
   v_session bigint;
@@ -350,8 +387,7 @@ language plpgsql
 as $$
 declare
   room      text   := nullif(btrim(payload -> 'service' ->> 'room_id'), '');
-  service   bigint := case when jsonb_typeof(payload -> 'service' -> 'id') = 'number'
-                           then (payload -> 'service' ->> 'id')::numeric::bigint end;
+  service   bigint := allocator.json_bigint(payload -> 'service' -> 'id');
   last      allocator.sessions;
   v_outcome text;
 begin
@@ -365,7 +401,7 @@ begin
   if last.id is null then
     v_outcome := 'unknown_room';
   elsif last.state in ('waiting', 'reserved', 'assigned') then
-    if last.state in ('reserved', 'assigned') then
+    if last.state in ('reserved', 'assigned') or last.holds_slot then
       perform allocator.release_slot(last.agent_id);
     end if;
     if last.state = 'reserved' then
@@ -374,7 +410,7 @@ begin
     end if;
     update allocator.sessions
     set state = 'resolved', resolved_at = now(), updated_at = now(), attempt_id = null, lease_expires_at = null,
-        service_id = coalesce(service, sessions.service_id)
+        holds_slot = false, service_id = coalesce(service, sessions.service_id)
     where id = last.id;
     v_outcome := 'resolved';
   else
@@ -428,6 +464,31 @@ begin
 end;
 $$;
 
+-- Records the reservation of locked room `s` for `agent`, whose slot the caller has already taken (or the room
+-- already holds), under a lease.
+create function allocator.reserve_for(s allocator.sessions, agent bigint)
+returns table (attempt_id bigint, session_id bigint, room_id text, agent_id bigint, attempt integer,
+               lease_expires_at timestamptz)
+language plpgsql
+as $$
+begin
+  insert into allocator.attempts (session_id, agent_id, number)
+  values (s.id, agent, s.attempts + 1)
+  returning id into attempt_id;
+
+  update allocator.sessions q
+  set state = 'reserved', agent_id = agent, attempt_id = reserve_for.attempt_id, attempts = q.attempts + 1,
+      holds_slot = false, reserved_at = now(), updated_at = now(),
+      lease_expires_at = now() + make_interval(secs => allocator.setting_num('lease_seconds', 60))
+  where q.id = s.id
+  returning q.id, q.room_id, q.attempts, q.lease_expires_at
+  into reserve_for.session_id, reserve_for.room_id, reserve_for.attempt, reserve_for.lease_expires_at;
+
+  reserve_for.agent_id := agent;
+  return next;
+end;
+$$;
+
 -- Reserves the next assignment: the best free agent (agent_preference) and the oldest waiting room that can take
 -- it. Agent first, then room: concurrent callers each lock a different agent (SKIP LOCKED) and then each take the
 -- oldest room nobody else holds, so rooms leave the queue in arrival order even under contention, and a caller
@@ -446,6 +507,26 @@ begin
   -- The usual idle state (nothing due) answers from one index probe.
   if not exists (select 1 from allocator.sessions q where q.state = 'waiting' and q.next_attempt_at <= now()) then
     return;
+  end if;
+
+  -- A room holding a slot goes back to its agent first: no slot to find, and the repeat is harmless if the
+  -- earlier call did reach Qiscus. If that agent went offline or vanished, the slot is let go and the room
+  -- queues like any other (still preferring that agent, see below).
+  select q.* into s
+  from allocator.sessions q
+  where q.state = 'waiting' and q.holds_slot and q.next_attempt_at <= now()
+  order by q.next_attempt_at
+  limit 1
+  for no key update of q skip locked;
+  if s.id is not null then
+    if exists (select from allocator.agents a
+               where a.id = s.agent_id and a.type = 'agent' and a.present and a.is_available and not a.force_offline)
+    then
+      return query select * from allocator.reserve_for(s, s.agent_id);
+      return;
+    end if;
+    perform allocator.release_slot(s.agent_id);
+    update allocator.sessions q set holds_slot = false, updated_at = now() where q.id = s.id;
   end if;
 
   -- An explicit cursor fetches one agent at a time (a FOR-IN loop would read ten ahead).
@@ -470,6 +551,7 @@ begin
     select q.* into s
     from allocator.sessions q
     where q.state = 'waiting'
+      and not q.holds_slot
       and q.next_attempt_at <= now()
       and candidate <> all (q.excluded_agents)
       and (q.last_agent_id is null or q.last_agent_id = candidate
@@ -482,21 +564,8 @@ begin
     -- agent_preference() may be a DBA's own rule: its answer still has to pass the guarded update.
     continue when not allocator.take_slot(candidate);
 
-    insert into allocator.attempts (session_id, agent_id, number)
-    values (s.id, candidate, s.attempts + 1)
-    returning id into attempt_id;
-
-    update allocator.sessions q
-    set state = 'reserved', agent_id = candidate, attempt_id = reserve.attempt_id, attempts = q.attempts + 1,
-        reserved_at = now(), updated_at = now(),
-        lease_expires_at = now() + make_interval(secs => allocator.setting_int('lease_seconds', 60))
-    where q.id = s.id
-    returning q.id, q.room_id, q.attempts, q.lease_expires_at
-    into reserve.session_id, reserve.room_id, reserve.attempt, reserve.lease_expires_at;
-
-    agent_id := candidate;
     close candidates;
-    return next;
+    return query select * from allocator.reserve_for(s, candidate);
     return;
   end loop;
   close candidates;
@@ -551,15 +620,19 @@ returns interval
 language sql volatile
 as $$
   select make_interval(secs =>
-    least(allocator.setting_int('retry_max_seconds', 300),
-          allocator.setting_int('retry_base_seconds', 2) * power(2, greatest(attempts - 1, 0)))
+    least(allocator.setting_num('retry_max_seconds', 300),
+          allocator.setting_num('retry_base_seconds', 2) * power(2, least(greatest(attempts - 1, 0), 30)))
     * (0.5 + random() / 2));
 $$;
 
--- Shared end of every unsuccessful reservation: the slot is freed and the room goes back to its place in the
--- queue (queued_at is kept), or to failed when it has used up its attempts.
+-- Shared end of every unsuccessful reservation: the room goes back to its place in the queue (queued_at is
+-- kept), or to failed when it has used up its attempts or every agent refused it.
+-- `hold`: Qiscus may have made the assignment anyway (timeout, 5xx, lease expired mid-call). The agent's slot is
+-- then kept for the room and the retry goes to the same agent, so the agent is never given a room in a slot that
+-- may really be taken, and the room never gets a second agent. Otherwise the slot is freed.
 create function allocator.requeue(s allocator.sessions, attempt bigint, how text, reason text, not_before timestamptz,
-                                  exclude bigint default null, count_attempt boolean default true)
+                                  exclude bigint default null, count_attempt boolean default true,
+                                  hold boolean default false)
 returns text
 language plpgsql
 as $$
@@ -570,7 +643,6 @@ declare
   give_up  text;
 begin
   update allocator.attempts set finished_at = now(), outcome = how, error = reason where id = attempt;
-  perform allocator.release_slot(s.agent_id);
 
   if tries >= allocator.setting_int('max_attempts', 8) then
     give_up := format('gave up after %s attempts; last error: %s', tries, reason);
@@ -579,9 +651,14 @@ begin
     give_up := format('refused by every agent; last error: %s', reason);
   end if;
 
+  if give_up is not null or not hold then
+    perform allocator.release_slot(s.agent_id);
+  end if;
+
   update allocator.sessions
   set state = case when give_up is null then 'waiting' else 'failed' end::allocator.session_state,
       failed_at = case when give_up is null then null else now() end,
+      holds_slot = give_up is null and hold,
       last_error = coalesce(give_up, reason),
       attempts = tries,
       excluded_agents = excluded,
@@ -594,10 +671,13 @@ begin
 end;
 $$;
 
--- Qiscus failed in a way worth retrying (5xx, 429, timeout, network). The room keeps its place, is not retried
--- before its backoff (or Qiscus's Retry-After, whichever is later), and frees the agent's slot meanwhile.
+-- Qiscus failed in a way worth retrying (5xx, 429, timeout, network). The room keeps its place and is not
+-- retried before its backoff (or Qiscus's Retry-After, whichever is later). The agent's slot is freed meanwhile,
+-- unless `maybe_assigned`: the call may have gone through (a timeout, a 5xx), so the slot stays held and the
+-- retry goes to the same agent (see requeue).
 -- Returns the session's new state ('waiting' or 'failed'), or null when the reservation was stale.
-create function allocator.fail_transient(attempt bigint, reason text, retry_after_seconds integer default null)
+create function allocator.fail_transient(attempt bigint, reason text, retry_after_seconds integer default null,
+                                         maybe_assigned boolean default false)
 returns text
 language plpgsql
 as $$
@@ -606,7 +686,8 @@ declare
 begin
   if s.id is null then return null; end if;
   return allocator.requeue(s, attempt, 'transient', reason,
-    now() + greatest(allocator.backoff(s.attempts), make_interval(secs => coalesce(retry_after_seconds, 0))));
+    now() + greatest(allocator.backoff(s.attempts), make_interval(secs => coalesce(retry_after_seconds, 0))),
+    hold => maybe_assigned);
 end;
 $$;
 
@@ -625,8 +706,10 @@ end;
 $$;
 
 -- Hands a reservation back without counting it as an attempt: the listener is shutting down, or Qiscus rejected
--- our credentials (not the room's fault). The room may be retried after `delay_seconds`.
-create function allocator.release(attempt bigint, reason text, delay_seconds integer default 0)
+-- our credentials (not the room's fault). The room may be retried after `delay_seconds`. `maybe_assigned` as in
+-- fail_transient (a call cut short at shutdown may have reached Qiscus).
+create function allocator.release(attempt bigint, reason text, delay_seconds integer default 0,
+                                  maybe_assigned boolean default false)
 returns text
 language plpgsql
 as $$
@@ -635,12 +718,13 @@ declare
 begin
   if s.id is null then return null; end if;
   return allocator.requeue(s, attempt, 'released', reason, now() + make_interval(secs => delay_seconds),
-                           count_attempt => false);
+                           count_attempt => false, hold => maybe_assigned);
 end;
 $$;
 
 -- Puts back every reservation whose lease ran out (its listener died or hung). The room returns to its original
--- place in the queue at once; the expiry counts as an attempt so a room that kills listeners ends as failed.
+-- place in the queue at once, holding its agent's slot (the dead listener's call may have gone through); the
+-- expiry counts as an attempt so a room that kills listeners ends as failed.
 -- Returns how many were rescued.
 create function allocator.rescue_expired()
 returns integer
@@ -656,7 +740,8 @@ begin
     order by q.lease_expires_at
     for update skip locked
   loop
-    perform allocator.requeue(s, s.attempt_id, 'expired', 'lease expired before the assignment was confirmed', now());
+    perform allocator.requeue(s, s.attempt_id, 'expired', 'lease expired before the assignment was confirmed', now(),
+                              hold => true);
     rescued := rescued + 1;
   end loop;
   return rescued;
@@ -693,15 +778,16 @@ declare
   n integer;
 begin
   with incoming as (
-    select (a ->> 'id')::bigint                                 as id,
+    select allocator.json_bigint(a -> 'id')                     as id,
            coalesce(a ->> 'name', '')                           as name,
            a ->> 'email'                                        as email,
            coalesce(a ->> 'type_as_string', 'agent')            as type,
-           coalesce((a ->> 'is_available')::boolean, false)     as is_available,
-           coalesce((a ->> 'force_offline')::boolean, false)    as force_offline,
-           coalesce((a ->> 'current_customer_count')::integer, 0) as qiscus_load
+           coalesce(a -> 'is_available' = 'true', false)          as is_available,
+           coalesce(a -> 'force_offline' = 'true', false)         as force_offline,
+           least(greatest(coalesce(allocator.json_bigint(a -> 'current_customer_count'), 0), 0), 100000)::integer
+                                                                  as qiscus_load
     from jsonb_array_elements(roster) a
-    where jsonb_typeof(a -> 'id') = 'number'
+    where allocator.json_bigint(a -> 'id') is not null
   ),
   ours as (
     select s.agent_id, count(*)::integer as counted
@@ -730,8 +816,8 @@ begin
   if complete then
     update allocator.agents a set present = false, synced_at = now()
     where a.present
-      and a.id not in (select (x ->> 'id')::bigint from jsonb_array_elements(roster) x
-                       where jsonb_typeof(x -> 'id') = 'number');
+      and a.id not in (select allocator.json_bigint(x -> 'id') from jsonb_array_elements(roster) x
+                       where allocator.json_bigint(x -> 'id') is not null);
   end if;
   return n;
 end;
@@ -751,6 +837,7 @@ create view allocator.queue as
          s.next_attempt_at,
          s.priority,
          s.source,
+         case when s.holds_slot then s.agent_id end as retry_agent_id,
          s.id as session_id
   from allocator.sessions s
   where s.state = 'waiting'
@@ -782,7 +869,7 @@ as $$
          format('agent %s: load %s, open sessions %s', a.id, a.load, coalesce(c.n, 0))
   from allocator.agents a
   left join (select s.agent_id, count(*) as n from allocator.sessions s
-             where s.state in ('reserved', 'assigned') group by s.agent_id) c on c.agent_id = a.id
+             where s.state in ('reserved', 'assigned') or s.holds_slot group by s.agent_id) c on c.agent_id = a.id
   where a.load <> coalesce(c.n, 0)
   union all
   select 'room with more than one open session', format('room %s: %s open', s.room_id, count(*))

@@ -1,5 +1,5 @@
 import path from 'node:path';
-import { readdir } from 'node:fs/promises';
+import { readdir, readFile } from 'node:fs/promises';
 import { fileURLToPath } from 'node:url';
 import { Logger, migrate } from 'graphile-migrate';
 import pg from 'pg';
@@ -24,22 +24,24 @@ export async function runMigrations(connectionString: string, log: (msg: string)
   );
 }
 
-/** The name of the newest committed migration, e.g. `000002.sql`. */
-export async function latestMigration(): Promise<string> {
-  const files = (await readdir(path.join(migrationsFolder, 'committed'))).filter((f) => /^\d+.*\.sql$/.test(f));
-  files.sort();
+/** The hash of the newest committed migration (its `--! Hash:` header), which graphile-migrate records when applied. */
+export async function latestMigrationHash(): Promise<string> {
+  const dir = path.join(migrationsFolder, 'committed');
+  const files = (await readdir(dir)).filter((f) => /^\d+.*\.sql$/.test(f)).sort();
   const last = files.at(-1);
-  if (!last) throw new Error(`no committed migrations in ${migrationsFolder}/committed`);
-  return last;
+  if (!last) throw new Error(`no committed migrations in ${dir}`);
+  const hash = /^--! Hash: (\S+)$/m.exec(await readFile(path.join(dir, last), 'utf8'))?.[1];
+  if (!hash) throw new Error(`${last} has no "--! Hash:" header`);
+  return hash;
 }
 
 /** True when the database has every committed migration applied (what /readyz asks). */
 export async function migrationsApplied(client: pg.ClientBase | pg.Pool): Promise<boolean> {
-  const expected = await latestMigration();
-  const res = await client.query<{ filename: string }>(
-    `select filename from graphile_migrate.migrations order by filename desc limit 1`,
+  const expected = await latestMigrationHash();
+  const res = await client.query<{ hash: string }>(
+    `select hash from graphile_migrate.migrations order by date desc, filename desc limit 1`,
   );
-  return res.rows[0]?.filename === expected;
+  return res.rows[0]?.hash === expected;
 }
 
 /** graphile-migrate's default logger prints to the console; route its lines to ours instead. */

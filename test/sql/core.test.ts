@@ -303,6 +303,42 @@ describe('outcomes of a reservation', () => {
     await confirm(db.pool, again.attempt_id);
   });
 
+  it('after a failure Qiscus may have acted on, the room keeps its agent slot and goes back to that agent', async () => {
+    await addAgents(db.pool, [1, 2], { max_load: 1 });
+    await setting(db.pool, 'retry_base_seconds', '0.2');
+    for (const r of ['a', 'b', 'c']) await queue(db.pool, r);
+    const r = (await reserve(db.pool))!;
+    expect(r).toMatchObject({ room_id: 'a', agent_id: '1' });
+    await db.pool.query(`select allocator.fail_transient($1, 'timeout', null, true)`, [r.attempt_id]);
+    // agent 1's slot is still a's: b goes to agent 2, c waits
+    expect(await loads(db.pool)).toEqual({ 1: 1, 2: 0 });
+    const b = (await reserve(db.pool))!;
+    expect(b).toMatchObject({ room_id: 'b', agent_id: '2' });
+    expect(await reserve(db.pool)).toBeUndefined();
+    const q = await db.pool.query(`select room_id, retry_agent_id from allocator.queue`);
+    expect(q.rows).toEqual([{ room_id: 'a', retry_agent_id: '1' }, { room_id: 'c', retry_agent_id: null }]);
+    await sleep(250);
+    const again = (await reserve(db.pool))!;
+    expect(again).toMatchObject({ room_id: 'a', agent_id: '1', attempt: 2 });
+    await confirm(db.pool, again.attempt_id);
+    await confirm(db.pool, b.attempt_id);
+  });
+
+  it('a held slot is let go when its agent goes offline, and freed by a resolution', async () => {
+    await addAgents(db.pool, [1, 2], { max_load: 1 });
+    await queue(db.pool, 'a');
+    const r = (await reserve(db.pool))!;
+    await db.pool.query(`select allocator.fail_transient($1, 'HTTP 502', null, true)`, [r.attempt_id]);
+    await db.pool.query(`update allocator.sessions set next_attempt_at = now()`);
+    await db.pool.query(`update allocator.agents set is_available = false where id = 1`);
+    const moved = (await reserve(db.pool))!;
+    expect(moved).toMatchObject({ room_id: 'a', agent_id: '2' });
+    await db.pool.query(`select allocator.fail_transient($1, 'HTTP 502', null, true)`, [moved.attempt_id]);
+    expect(await loads(db.pool)).toEqual({ 1: 0, 2: 1 });
+    await resolve(db.pool, 'a');
+    expect(await loads(db.pool)).toEqual({ 1: 0, 2: 0 });
+  });
+
   it('honours a Retry-After longer than the backoff', async () => {
     await addAgents(db.pool, [1]);
     await queue(db.pool, 'a');

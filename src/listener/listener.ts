@@ -1,0 +1,144 @@
+/**
+ * The listener process's wiring: NOTIFY wake-ups (pg-listen), catch-up on start and after every reconnect, a
+ * periodic sweep (rescue expired leases, then look again), a timer for the next backoff to end, and the roster
+ * sync. NOTIFY is only a hint; every path ends in AllocatorLoop.kick(), which re-reads the database.
+ */
+import pgListen, { type Subscriber } from 'pg-listen';
+import type pg from 'pg';
+import type { Logger } from '../log.ts';
+import type { QiscusClient } from '../qiscus/client.ts';
+import { AllocatorLoop, errText, type LoopEvents } from './allocator-loop.ts';
+import { syncRoster, type SyncResult } from './roster-sync.ts';
+
+// pg-listen is CommonJS with `exports.default`: from ESM its default import is the whole module.
+const createSubscriber = pgListen.default;
+
+export interface ListenerOptions extends LoopEvents {
+  pool: pg.Pool;
+  databaseUrl: string;
+  qiscus: Pick<QiscusClient, 'assignAgent' | 'listAllAgents'>;
+  logger: Logger;
+  concurrency: number;
+  /** Seconds between sweeps; 0 turns the sweep off (NOTIFY and timers only). */
+  sweepSeconds: number;
+  /** Seconds between roster syncs. */
+  syncSeconds: number;
+  onSync?(r: SyncResult): void;
+  onSyncError?(e: unknown): void;
+}
+
+export interface Listener {
+  loop: AllocatorLoop;
+  /** Stops taking new work and waits for calls in flight (bounded by the Qiscus timeout). */
+  stop(): Promise<void>;
+  /** Hands in-flight reservations back to the queue now (second Ctrl-C). */
+  abandon(): Promise<void>;
+  syncNow(): Promise<SyncResult | undefined>;
+}
+
+export async function startListener(o: ListenerOptions): Promise<Listener> {
+  const log = o.logger;
+  const loop = new AllocatorLoop(o);
+  const timers: NodeJS.Timeout[] = [];
+  let dueTimer: NodeJS.Timeout | null = null;
+  let stopped = false;
+
+  // Wake up when the next backoff ends or lease expires, so a retry does not wait for the sweep.
+  const armDueTimer = async () => {
+    try {
+      const r = await o.pool.query<{ t: Date | null }>(`select allocator.next_due_at() as t`);
+      const t = r.rows[0]?.t;
+      if (dueTimer) clearTimeout(dueTimer);
+      dueTimer = null;
+      if (t && !stopped) {
+        const ms = Math.max(0, Math.min(t.getTime() - Date.now() + 20, 2 ** 31 - 1));
+        dueTimer = setTimeout(() => void sweep(), ms);
+      }
+    } catch {
+      // the sweep (or a reconnect) will come back here
+    }
+  };
+
+  const sweep = async () => {
+    if (stopped) return;
+    try {
+      const r = await o.pool.query<{ n: number }>(`select allocator.rescue_expired() as n`);
+      if (r.rows[0]!.n > 0) log.warn({ rescued: r.rows[0]!.n }, 'rescued reservations whose lease expired');
+    } catch (e) {
+      log.warn({ err: errText(e) }, 'sweep failed');
+    }
+    loop.kick();
+    await armDueTimer();
+  };
+
+  const syncNow = async (): Promise<SyncResult | undefined> => {
+    try {
+      const r = await syncRoster(o.pool, o.qiscus);
+      o.onSync?.(r);
+      log.debug(r, 'roster synced');
+      loop.kick();
+      return r;
+    } catch (e) {
+      o.onSyncError?.(e);
+      log.warn({ err: errText(e) }, 'roster sync failed; keeping the last known roster');
+      return undefined;
+    }
+  };
+
+  const subscriber: Subscriber = createSubscriber(
+    { connectionString: o.databaseUrl },
+    {
+      // pg-listen gives up after 3 s by default; a PostgreSQL restart or failover can take minutes. Never give up,
+      // back off to one attempt every 2 s.
+      retryLimit: Infinity,
+      retryTimeout: Infinity,
+      retryInterval: (attempt) => Math.min(100 * 2 ** attempt, 2000),
+      paranoidChecking: 5000,
+      parse: (s) => s, // payloads are plain words ("room", "agent"), not JSON
+    },
+  );
+  subscriber.notifications.on('allocator', () => loop.kick());
+  subscriber.events.on('connected', () => {
+    log.info('listening for allocator notifications');
+    void sweep(); // catch up on whatever happened while we were away
+  });
+  subscriber.events.on('reconnect', (attempt) => {
+    if (attempt === 1 || attempt % 10 === 0) log.warn({ attempt }, 'reconnecting to PostgreSQL for LISTEN');
+  });
+  subscriber.events.on('error', (e) => log.error({ err: errText(e) }, 'notification connection error'));
+
+  // The first connection may fail (database still starting): keep trying in the background.
+  const connectFirst = async () => {
+    for (let wait = 250; !stopped; wait = Math.min(wait * 2, 2000)) {
+      try {
+        await subscriber.connect();
+        await subscriber.listenTo('allocator');
+        return;
+      } catch (e) {
+        log.warn({ err: errText(e) }, `cannot LISTEN yet; retrying in ${wait} ms`);
+        await new Promise((r) => setTimeout(r, wait));
+      }
+    }
+  };
+
+  await syncNow();
+  await connectFirst();
+  void sweep(); // LISTEN is in place now: anything queued before it is caught here
+  if (o.sweepSeconds > 0) timers.push(setInterval(() => void sweep(), o.sweepSeconds * 1000));
+  timers.push(setInterval(() => void syncNow(), o.syncSeconds * 1000));
+
+  return {
+    loop,
+    syncNow,
+    async stop() {
+      stopped = true;
+      for (const t of timers) clearInterval(t);
+      if (dueTimer) clearTimeout(dueTimer);
+      await subscriber.close().catch(() => {});
+      await loop.stop();
+    },
+    async abandon() {
+      await loop.releaseInFlight();
+    },
+  };
+}

@@ -1,0 +1,29 @@
+import type { Logger } from './log.ts';
+
+/**
+ * SIGINT/SIGTERM: run `graceful` (stop taking work, let what is in flight finish) and exit. A second signal while
+ * waiting runs `hurry` (hand work back) and exits at once; a third exits without more ado.
+ */
+export function onShutdown(logger: Logger, steps: { graceful: () => Promise<void>; hurry?: () => Promise<void> }) {
+  let signals = 0;
+  const handler = (signal: NodeJS.Signals) => {
+    signals++;
+    if (signals === 1) {
+      logger.info({ signal }, 'shutting down: finishing work in flight (signal again to hurry)');
+      steps.graceful().then(
+        () => process.exit(0),
+        (e) => {
+          logger.error({ err: String(e) }, 'shutdown failed');
+          process.exit(1);
+        },
+      );
+    } else if (signals === 2 && steps.hurry) {
+      logger.warn('hurrying: handing work in flight back to the queue');
+      steps.hurry().finally(() => process.exit(1));
+    } else {
+      process.exit(1);
+    }
+  };
+  process.on('SIGINT', handler);
+  process.on('SIGTERM', handler);
+}

@@ -1,0 +1,80 @@
+/**
+ * `npm run migrate` on an empty database and on a database left at every earlier version.
+ */
+import { execFile } from 'node:child_process';
+import { cp, mkdir, readdir, rm } from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import { promisify } from 'node:util';
+import { migrate } from 'graphile-migrate';
+import pg from 'pg';
+import { afterAll, describe, expect, inject, it } from 'vitest';
+import { migrationsApplied, migrationsFolder } from '../../src/db/migrate.ts';
+
+const run = promisify(execFile);
+const adminUrl = inject('pgAdminUrl');
+const created: string[] = [];
+
+async function emptyDatabase(): Promise<string> {
+  const name = `allocator_mig_${Math.random().toString(36).slice(2, 10)}`;
+  const c = new pg.Client(adminUrl);
+  await c.connect();
+  await c.query(`create database ${name}`);
+  await c.end();
+  created.push(name);
+  const u = new URL(adminUrl);
+  u.pathname = `/${name}`;
+  return u.toString();
+}
+
+async function npmMigrate(url: string) {
+  return run(process.execPath, ['--import', 'tsx', 'src/cli/migrate.ts'], { env: { ...process.env, DATABASE_URL: url } });
+}
+
+afterAll(async () => {
+  const c = new pg.Client(adminUrl);
+  await c.connect();
+  for (const db of created) await c.query(`drop database if exists ${db} with (force)`);
+  await c.end();
+});
+
+describe('migrations', () => {
+  it('bring an empty database to the current schema, and a second run changes nothing', async () => {
+    const url = await emptyDatabase();
+    const first = await npmMigrate(url);
+    expect(first.stdout).toContain('migrations: up to date');
+    await npmMigrate(url);
+    const pool = new pg.Pool({ connectionString: url });
+    expect(await migrationsApplied(pool)).toBe(true);
+    const s = await pool.query(`select value from allocator.settings where key = 'default_max_load'`);
+    expect(s.rows[0].value).toBe('2');
+    await pool.end();
+  });
+
+  it('bring a database at every earlier version to the current one', async () => {
+    const files = (await readdir(path.join(migrationsFolder, 'committed'))).filter((f) => f.endsWith('.sql')).sort();
+    for (let upTo = 1; upTo < files.length; upTo++) {
+      // a migrations folder holding only the first `upTo` migrations stands for an older release
+      const old = path.join(os.tmpdir(), `allocator-old-${upTo}-${process.pid}`);
+      await mkdir(path.join(old, 'committed'), { recursive: true });
+      for (const f of files.slice(0, upTo)) await cp(path.join(migrationsFolder, 'committed', f), path.join(old, 'committed', f));
+      const url = await emptyDatabase();
+      await migrate({ connectionString: url, migrationsFolder: old } as Parameters<typeof migrate>[0]);
+      await rm(old, { recursive: true, force: true });
+      await npmMigrate(url);
+      const pool = new pg.Pool({ connectionString: url });
+      expect(await migrationsApplied(pool)).toBe(true);
+      await pool.end();
+    }
+    expect(files.length).toBeGreaterThanOrEqual(1);
+  });
+
+  it('stops with one line naming DATABASE_URL when it is missing', async () => {
+    const env = { ...process.env };
+    delete env.DATABASE_URL;
+    const err = await run(process.execPath, ['--import', 'tsx', 'src/cli/migrate.ts'], { env }).catch((e) => e);
+    expect(err.code).toBe(2);
+    expect(err.stderr.trim()).toMatch(/^configuration error: DATABASE_URL is required/);
+    expect(err.stderr.trim().split('\n')).toHaveLength(1);
+  });
+});
