@@ -6,7 +6,11 @@ import type { Logger } from './log.ts';
  */
 export function onShutdown(logger: Logger, steps: { graceful: () => Promise<void>; hurry?: () => Promise<void> }) {
   let signals = 0;
+  let first = 0;
   const handler = (signal: NodeJS.Signals) => {
+    // Ctrl-C under `npm start` reaches us twice at once (from the terminal and forwarded by npm): one press.
+    if (signals === 1 && Date.now() - first < 1000) return;
+    if (signals === 0) first = Date.now();
     signals++;
     if (signals === 1) {
       logger.info({ signal }, 'shutting down: finishing work in flight (signal again to hurry)');

@@ -33,6 +33,8 @@ const shape = {
   SWEEP_SECONDS: z.coerce.number().min(0).default(5), // 0 turns the periodic sweep off (tests of NOTIFY)
   QISCUS_TIMEOUT_MS: positive(10_000),
   DATA_DIR: z.string().default('.data/postgres'),
+  EMBEDDED_PG_PORT: port(54329),
+  PUBLIC_URL: url.optional(),
 };
 
 const schema = z.object(shape);

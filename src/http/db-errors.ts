@@ -1,0 +1,63 @@
+/**
+ * Sorting the errors a database call can end with into what the client should be told. The rule: a webhook that
+ * could not be stored because the database is away, overloaded or restarting gets 503 + Retry-After (it changed
+ * nothing, or changed it idempotently: a resend is safe). Anything else is our bug, never the client's input.
+ */
+
+/** A database call failed for a reason that should pass: the client may retry after `RETRY_AFTER_SECONDS`. */
+export const RETRY_AFTER_SECONDS = 5;
+
+export type DbErrorKind =
+  /** Connection refused/reset/timed out, server shutting down, too many connections, ...: answer 503. */
+  | 'unavailable'
+  /** PostgreSQL refused the data itself (SQLSTATE class 22): a gap in our validation; answer 422, log loudly. */
+  | 'rejected'
+  /** Anything else: a bug (500). */
+  | 'bug';
+
+/** Node socket error codes that mean "could not talk to the server". */
+const NETWORK_CODES = new Set([
+  'ECONNREFUSED', 'ECONNRESET', 'ECONNABORTED', 'ETIMEDOUT', 'EPIPE', 'ENOTFOUND', 'EAI_AGAIN', 'EHOSTUNREACH',
+  'ENETUNREACH', 'ENETDOWN', 'EHOSTDOWN', 'ENOENT', 'ECANCELED',
+]);
+
+export function classifyDbError(err: unknown): DbErrorKind {
+  const code = codeOf(err);
+  if (code && /^[0-9A-Z]{5}$/.test(code) && isServerError(err)) {
+    // SQLSTATE from the server.
+    if (code.startsWith('08')) return 'unavailable'; // connection exception
+    if (code.startsWith('53')) return 'unavailable'; // insufficient resources (too many connections, disk full)
+    if (code.startsWith('40')) return 'unavailable'; // serialization failure, deadlock: a retry succeeds
+    if (['57P01', '57P02', '57P03', '57014'].includes(code)) return 'unavailable'; // shutdown, crash, starting, timeout
+    if (code === '55P03' || code === '55006') return 'unavailable'; // lock not available, object in use
+    if (code.startsWith('22')) return 'rejected';
+    return 'bug';
+  }
+  if (code && NETWORK_CODES.has(code)) return 'unavailable';
+  // node-postgres reports a pool timeout, a dropped connection or a client killed mid-query as a plain Error
+  // without SQLSTATE; the pool is the only thing we call, so anything not from the server is the connection.
+  if (err instanceof Error && !isServerError(err)) return 'unavailable';
+  return 'bug';
+}
+
+/** pg's DatabaseError (a message from the server) carries `severity`; client-side errors do not. */
+function isServerError(err: unknown): boolean {
+  return typeof err === 'object' && err !== null && typeof (err as { severity?: unknown }).severity === 'string';
+}
+
+function codeOf(err: unknown): string | undefined {
+  if (typeof err !== 'object' || err === null) return undefined;
+  const code = (err as { code?: unknown }).code;
+  if (typeof code === 'string') return code;
+  // Node 20 connects to every address of a host name and reports an AggregateError.
+  const inner = (err as { errors?: unknown }).errors;
+  if (Array.isArray(inner)) return inner.map(codeOf).find((c) => c !== undefined);
+  return undefined;
+}
+
+/** A short, safe description of a database error for a reply or log (no connection string, no stack). */
+export function describeDbError(err: unknown): string {
+  const code = codeOf(err);
+  const message = err instanceof Error ? err.message : String(err);
+  return code && !message.includes(code) ? `${code}: ${message}` : message;
+}

@@ -1,0 +1,41 @@
+/**
+ * `npm run web`: the webhook app alone, against DATABASE_URL, on PORT. Any number may run against one database.
+ *
+ * SIGINT/SIGTERM: stop accepting, finish in-flight webhooks (see server.ts), close the pool, exit 0. A second
+ * signal exits at once.
+ */
+import { loadConfigOrExit } from '../config/index.ts';
+import { createLogger } from '../log.ts';
+import { createWebPool } from './pool.ts';
+import { startHttpServer } from './server.ts';
+
+const config = loadConfigOrExit('web');
+const logger = createLogger(config.LOG_LEVEL, 'web');
+
+// Never die of an error nobody awaited: log it and keep serving (every request path catches its own errors).
+process.on('unhandledRejection', (err) => logger.error({ err }, 'unhandled promise rejection'));
+
+const pool = createWebPool(config.DATABASE_URL!, logger);
+const web = await startHttpServer({ pool, logger, port: config.PORT, webhookSecret: config.WEBHOOK_SECRET }).catch(
+  (err: unknown) => {
+    logger.fatal({ err }, `cannot listen on port ${config.PORT}`);
+    process.exit(1);
+  },
+);
+logger.info({ port: web.port, secret: config.WEBHOOK_SECRET ? 'required' : 'not set' }, `web listening on ${web.url}`);
+
+let stopping = false;
+async function shutdown(signal: string): Promise<void> {
+  if (stopping) {
+    logger.warn({ signal }, 'second signal: exiting now');
+    process.exit(1);
+  }
+  stopping = true;
+  logger.info({ signal }, 'shutting down: finishing in-flight requests');
+  await web.stop();
+  await pool.end().catch((err: unknown) => logger.warn({ err }, 'closing the pool failed'));
+  logger.info('stopped');
+  process.exit(0);
+}
+process.on('SIGINT', () => void shutdown('SIGINT'));
+process.on('SIGTERM', () => void shutdown('SIGTERM'));

@@ -1,0 +1,93 @@
+/**
+ * `npm start`: the whole service in one process. Without DATABASE_URL it runs an embedded PostgreSQL with its data
+ * in DATA_DIR (.data/postgres; kept across restarts), then migrations, the webhook app and the listener.
+ * Ctrl-C: stop taking webhooks, let assignments in flight finish (a second Ctrl-C hands them back to the queue),
+ * then stop PostgreSQL cleanly.
+ */
+import pg from 'pg';
+import { loadConfigOrExit } from './config/index.ts';
+import { startEmbeddedPostgres, type EmbeddedServer } from './db/embedded.ts';
+import { runMigrations } from './db/migrate.ts';
+import { createPool } from './db/pool.ts';
+import { startHttpServer } from './http/server.ts';
+import { startListener } from './listener/listener.ts';
+import { createLogger } from './log.ts';
+import { createQiscusClient } from './qiscus/client.ts';
+import { onShutdown } from './shutdown.ts';
+
+const config = loadConfigOrExit('start');
+const logger = createLogger(config.LOG_LEVEL, 'allocator');
+process.on('unhandledRejection', (err) => logger.error({ err: String(err) }, 'unhandled promise rejection'));
+
+let embedded: EmbeddedServer | undefined;
+let databaseUrl = config.DATABASE_URL;
+if (!databaseUrl) {
+  embedded = await startEmbeddedPostgres({
+    dataDir: config.DATA_DIR,
+    port: config.EMBEDDED_PG_PORT,
+    persistent: true,
+    onLog: (line) => logger.debug({ postgres: line.trim() }),
+  }).catch((e: unknown) => {
+    logger.fatal({ err: String(e) }, `cannot start the embedded PostgreSQL in ${config.DATA_DIR}`);
+    process.exit(1);
+  });
+  const admin = new pg.Client(embedded.url);
+  await admin.connect();
+  const exists = await admin.query(`select 1 from pg_database where datname = 'allocator'`);
+  if (exists.rowCount === 0) await admin.query(`create database allocator`);
+  await admin.end();
+  databaseUrl = embedded.urlFor('allocator');
+  logger.info({ dataDir: embedded.dataDir }, `embedded PostgreSQL: psql ${databaseUrl}`);
+}
+
+await runMigrations(databaseUrl, (line) => logger.debug(line));
+const pool = createPool(databaseUrl, logger, config.LISTENER_CONCURRENCY + 10);
+const web = await startHttpServer({ pool, logger, port: config.PORT, webhookSecret: config.WEBHOOK_SECRET });
+const listener = await startListener({
+  pool,
+  databaseUrl,
+  qiscus: createQiscusClient({
+    baseUrl: config.QISCUS_BASE_URL,
+    appId: config.QISCUS_APP_ID!,
+    secretKey: config.QISCUS_SECRET_KEY!,
+    responseTimeoutMs: config.QISCUS_TIMEOUT_MS,
+  }),
+  logger,
+  concurrency: config.LISTENER_CONCURRENCY,
+  sweepSeconds: config.SWEEP_SECONDS,
+  syncSeconds: config.AGENT_SYNC_SECONDS,
+  onOutcome: (r, outcome, ms, error) =>
+    logger.info(
+      { room: r.room_id, agent: Number(r.agent_id), attempt: r.attempt, outcome, ms: Math.round(ms), error },
+      'assignment',
+    ),
+});
+
+const base = (config.PUBLIC_URL ?? web.url).replace(/\/+$/, '');
+const secret = config.WEBHOOK_SECRET ? `?secret=${encodeURIComponent(config.WEBHOOK_SECRET)}` : '';
+process.stdout.write(
+  [
+    '',
+    'Qiscus agent allocator is running. In Qiscus Omnichannel (Settings), paste:',
+    `  Custom Agent Allocation webhook:  ${base}/api/v1/new_request${secret}`,
+    `  Mark as Resolved webhook:         ${base}/api/v1/close_request${secret}`,
+    config.PUBLIC_URL ? '' : '  (replace the host with the address Qiscus can reach, or set PUBLIC_URL)',
+    `Health: ${web.url}/healthz   Readiness: ${web.url}/readyz`,
+    `Queue:  psql ${databaseUrl} -c 'table allocator.queue'`,
+    '',
+  ].join('\n') + '\n',
+);
+
+onShutdown(logger, {
+  graceful: async () => {
+    await web.stop();
+    await listener.stop();
+    await pool.end();
+    await embedded?.stop();
+  },
+  hurry: async () => {
+    await listener.abandon();
+    await pool.end().catch(() => {});
+    await embedded?.stop();
+  },
+});
