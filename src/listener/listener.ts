@@ -1,6 +1,6 @@
 /**
  * The listener process's wiring: NOTIFY wake-ups (pg-listen), catch-up on start and after every reconnect, a
- * periodic sweep (rescue expired leases, then look again), a timer for the next backoff to end, and the roster
+ * periodic sweep (rescue expired leases, cancel rooms over the maximum wait, then look again), a timer for the next backoff to end, and the roster
  * sync. NOTIFY is only a hint; every path ends in AllocatorLoop.kick(), which re-reads the database.
  */
 import pgListen, { type Subscriber } from 'pg-listen';
@@ -62,8 +62,10 @@ export async function startListener(o: ListenerOptions): Promise<Listener> {
   const sweep = async () => {
     if (stopped) return;
     try {
-      const r = await o.pool.query<{ n: number }>(`select allocator.rescue_expired() as n`);
-      if (r.rows[0]!.n > 0) log.warn({ rescued: r.rows[0]!.n }, 'rescued reservations whose lease expired');
+      const r = await o.pool.query<{ rescued: number; cancelled: number }>(`select * from allocator.sweep()`);
+      const { rescued, cancelled } = r.rows[0]!;
+      if (rescued > 0) log.warn({ rescued }, 'rescued reservations whose lease expired');
+      if (cancelled > 0) log.warn({ cancelled }, 'cancelled rooms that waited longer than max_wait_seconds');
     } catch (e) {
       log.warn({ err: errText(e) }, 'sweep failed');
     }
