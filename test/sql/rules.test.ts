@@ -43,7 +43,8 @@ describe('rules', () => {
 
   it('serves higher-priority sources first, then arrival order; a change re-orders the waiting rooms', async () => {
     await db.pool.query(`insert into allocator.source_priority values ('wa', 10)`);
-    for (const [room, source] of [['q1', 'qiscus'], ['w1', 'wa'], ['q2', 'qiscus'], ['w2', 'wa'], ['l1', 'line']]) {
+    const rooms: Array<[string, string]> = [['q1', 'qiscus'], ['w1', 'wa'], ['q2', 'qiscus'], ['w2', 'wa'], ['l1', 'line']];
+    for (const [room, source] of rooms) {
       await queue(db.pool, room, newRequest(room, { source }));
     }
     const order = async () => (await db.pool.query(`select room_id from allocator.queue`)).rows.map((r) => r.room_id);
