@@ -10,9 +10,8 @@ import { startEmbeddedPostgres, type EmbeddedServer } from './db/embedded.ts';
 import { runMigrations } from './db/migrate.ts';
 import { createPool } from './db/pool.ts';
 import { startHttpServer } from './http/server.ts';
-import { startListener } from './listener/listener.ts';
+import { startListenerFromConfig } from './listener/listener.ts';
 import { createLogger } from './log.ts';
-import { createQiscusClient } from './qiscus/client.ts';
 import { onShutdown } from './shutdown.ts';
 
 const config = loadConfigOrExit('start');
@@ -43,25 +42,7 @@ if (!databaseUrl) {
 await runMigrations(databaseUrl, (line) => logger.debug(line));
 const pool = createPool(databaseUrl, logger, config.LISTENER_CONCURRENCY + 10);
 const web = await startHttpServer({ pool, logger, port: config.PORT, webhookSecret: config.WEBHOOK_SECRET });
-const listener = await startListener({
-  pool,
-  databaseUrl,
-  qiscus: createQiscusClient({
-    baseUrl: config.QISCUS_BASE_URL,
-    appId: config.QISCUS_APP_ID!,
-    secretKey: config.QISCUS_SECRET_KEY!,
-    responseTimeoutMs: config.QISCUS_TIMEOUT_MS,
-  }),
-  logger,
-  concurrency: config.LISTENER_CONCURRENCY,
-  sweepSeconds: config.SWEEP_SECONDS,
-  syncSeconds: config.AGENT_SYNC_SECONDS,
-  onOutcome: (r, outcome, ms, error) =>
-    logger.info(
-      { room: r.room_id, agent: Number(r.agent_id), attempt: r.attempt, outcome, ms: Math.round(ms), error },
-      'assignment',
-    ),
-});
+const listener = await startListenerFromConfig(config, { pool, databaseUrl, logger });
 
 const base = (config.PUBLIC_URL ?? web.url).replace(/\/+$/, '');
 const secret = config.WEBHOOK_SECRET ? `?secret=${encodeURIComponent(config.WEBHOOK_SECRET)}` : '';

@@ -6,7 +6,8 @@
 import pgListen, { type Subscriber } from 'pg-listen';
 import type pg from 'pg';
 import type { Logger } from '../log.ts';
-import type { QiscusClient } from '../qiscus/client.ts';
+import type { Config } from '../config/index.ts';
+import { createQiscusClient, type QiscusClient } from '../qiscus/client.ts';
 import { AllocatorLoop, errText, type LoopEvents } from './allocator-loop.ts';
 import { syncRoster, type SyncResult } from './roster-sync.ts';
 
@@ -143,4 +144,31 @@ export async function startListener(o: ListenerOptions): Promise<Listener> {
       await loop.releaseInFlight();
     },
   };
+}
+
+/** The listener as configured by the environment (used by `npm run listener` and `npm start`). */
+export function startListenerFromConfig(
+  config: Config,
+  deps: { pool: pg.Pool; databaseUrl: string; logger: Logger } & LoopEvents,
+): Promise<Listener> {
+  const { logger } = deps;
+  return startListener({
+    ...deps,
+    qiscus: createQiscusClient({
+      baseUrl: config.QISCUS_BASE_URL,
+      appId: config.QISCUS_APP_ID!,
+      secretKey: config.QISCUS_SECRET_KEY!,
+      responseTimeoutMs: config.QISCUS_TIMEOUT_MS,
+    }),
+    concurrency: config.LISTENER_CONCURRENCY,
+    sweepSeconds: config.SWEEP_SECONDS,
+    syncSeconds: config.AGENT_SYNC_SECONDS,
+    onOutcome: (r, outcome, ms, error) => {
+      logger.info(
+        { room: r.room_id, agent: Number(r.agent_id), attempt: r.attempt, outcome, ms: Math.round(ms), error },
+        'assignment',
+      );
+      deps.onOutcome?.(r, outcome, ms, error);
+    },
+  });
 }
