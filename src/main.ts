@@ -40,7 +40,7 @@ if (!databaseUrl) {
 }
 
 await runMigrations(databaseUrl, (line) => logger.debug(line));
-const pool = createPool(databaseUrl, logger, config.LISTENER_CONCURRENCY + 10);
+const pool = createPool(databaseUrl, logger, { max: config.LISTENER_CONCURRENCY + 10 });
 const web = await startHttpServer({ pool, logger, port: config.PORT, webhookSecret: config.WEBHOOK_SECRET });
 const listener = await startListenerFromConfig(config, { pool, databaseUrl, logger });
 

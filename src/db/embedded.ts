@@ -65,6 +65,7 @@ export async function freePort(): Promise<number> {
 export async function startEmbeddedPostgres(opts: {
   dataDir: string;
   port?: number;
+  /** false: the data directory is deleted on stop(), so the server cannot be started again (throwaway use). */
   persistent?: boolean;
   onLog?: (line: string) => void;
 }): Promise<EmbeddedServer> {

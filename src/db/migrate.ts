@@ -35,13 +35,14 @@ export async function latestMigrationHash(): Promise<string> {
   return hash;
 }
 
-/** True when the database has every committed migration applied (what /readyz asks). */
+/**
+ * True when the database has every committed migration applied (what /readyz asks): the newest migration on disk
+ * is among those applied. A database migrated further by a newer release still counts as ready for this one.
+ */
 export async function migrationsApplied(client: pg.ClientBase | pg.Pool): Promise<boolean> {
   const expected = await latestMigrationHash();
-  const res = await client.query<{ hash: string }>(
-    `select hash from graphile_migrate.migrations order by date desc, filename desc limit 1`,
-  );
-  return res.rows[0]?.hash === expected;
+  const res = await client.query(`select 1 from graphile_migrate.migrations where hash = $1`, [expected]);
+  return (res.rowCount ?? 0) > 0;
 }
 
 /** graphile-migrate's default logger prints to the console; route its lines to ours instead. */

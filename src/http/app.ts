@@ -11,6 +11,7 @@
  */
 import { Hono } from 'hono';
 import { HTTPException } from 'hono/http-exception';
+import type { ContentfulStatusCode } from 'hono/utils/http-status';
 import type pg from 'pg';
 import { migrationsApplied } from '../db/migrate.ts';
 import type { Logger } from '../log.ts';
@@ -124,8 +125,9 @@ export function createApp(opts: AppOptions): Hono<AppEnv> {
 
   // Last line of defence: a bug answers 500 with JSON and is logged; the process carries on.
   app.onError((err, c) => {
+    // Hono's own refusals (none of our routes throw them, but a later middleware might) keep their 4xx.
     if (err instanceof HTTPException && err.status < 500) {
-      return problem(c, err.status as 400, err.message || 'bad request');
+      return problem(c, err.status as ContentfulStatusCode, err.message || 'bad request');
     }
     c.get('log')?.error({ err }, 'unhandled error');
     return problem(c, 500, 'internal error; it has been logged');

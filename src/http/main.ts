@@ -6,7 +6,7 @@
  */
 import { loadConfigOrExit } from '../config/index.ts';
 import { createLogger } from '../log.ts';
-import { createWebPool } from './pool.ts';
+import { createPool } from '../db/pool.ts';
 import { startHttpServer } from './server.ts';
 
 const config = loadConfigOrExit('web');
@@ -15,7 +15,7 @@ const logger = createLogger(config.LOG_LEVEL, 'web');
 // Never die of an error nobody awaited: log it and keep serving (every request path catches its own errors).
 process.on('unhandledRejection', (err) => logger.error({ err }, 'unhandled promise rejection'));
 
-const pool = createWebPool(config.DATABASE_URL!, logger);
+const pool = createPool(config.DATABASE_URL!, logger, { applicationName: 'allocator-web' });
 const web = await startHttpServer({ pool, logger, port: config.PORT, webhookSecret: config.WEBHOOK_SECRET }).catch(
   (err: unknown) => {
     logger.fatal({ err }, `cannot listen on port ${config.PORT}`);

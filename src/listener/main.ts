@@ -7,7 +7,10 @@ import { startListenerFromConfig } from './listener.ts';
 
 const config = loadConfigOrExit('listener');
 const logger = createLogger(config.LOG_LEVEL, 'listener');
-const pool = createPool(config.DATABASE_URL!, logger, config.LISTENER_CONCURRENCY + 4);
+const pool = createPool(config.DATABASE_URL!, logger, {
+  max: config.LISTENER_CONCURRENCY + 4,
+  applicationName: 'allocator-listener',
+});
 const listener = await startListenerFromConfig(config, { pool, databaseUrl: config.DATABASE_URL!, logger });
 logger.info({ qiscus: config.QISCUS_BASE_URL, concurrency: config.LISTENER_CONCURRENCY }, 'listener started');
 

@@ -1,0 +1,35 @@
+/** Which database failures are the database being away (503), the data refused (422), or a bug (500). */
+import pg from 'pg';
+import { describe, expect, it } from 'vitest';
+import { classifyDbError } from '../../src/http/db-errors.ts';
+
+function serverError(code: string): Error {
+  const e = new pg.DatabaseError(`sqlstate ${code}`, 0, 'error');
+  e.code = code;
+  e.severity = 'ERROR';
+  return e;
+}
+const sys = (code: string) => Object.assign(new Error(`connect ${code}`), { code });
+
+describe('classifyDbError', () => {
+  it.each([
+    ['ECONNREFUSED', sys('ECONNREFUSED'), 'unavailable'],
+    ['ECONNRESET', sys('ECONNRESET'), 'unavailable'],
+    ['AggregateError of ECONNREFUSED', Object.assign(new AggregateError([sys('ECONNREFUSED')], 'x'), {}), 'unavailable'],
+    ['pool timeout', new Error('timeout exceeded when trying to connect'), 'unavailable'],
+    ['connection terminated', new Error('Connection terminated unexpectedly'), 'unavailable'],
+    ['08006 connection failure', serverError('08006'), 'unavailable'],
+    ['53300 too many connections', serverError('53300'), 'unavailable'],
+    ['57P01 admin shutdown', serverError('57P01'), 'unavailable'],
+    ['57P03 cannot connect now', serverError('57P03'), 'unavailable'],
+    ['57014 statement timeout', serverError('57014'), 'unavailable'],
+    ['40P01 deadlock', serverError('40P01'), 'unavailable'],
+    ['22P05 untranslatable character', serverError('22P05'), 'rejected'],
+    ['22023 invalid parameter', serverError('22023'), 'rejected'],
+    ['42883 undefined function', serverError('42883'), 'bug'],
+    ['23505 unique violation', serverError('23505'), 'bug'],
+    ['a thrown string', 'boom', 'bug'],
+  ])('%s → %s', (_name, err, kind) => {
+    expect(classifyDbError(err)).toBe(kind);
+  });
+});
