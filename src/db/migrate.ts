@@ -2,6 +2,8 @@ import path from 'node:path';
 import { readdir, readFile } from 'node:fs/promises';
 import { fileURLToPath } from 'node:url';
 import { Logger, migrate } from 'graphile-migrate';
+// Not re-exported by the package's index; no `exports` map, so the deep import is stable within 1.x.
+import { clearAllPools } from 'graphile-migrate/dist/pgReal.js';
 import pg from 'pg';
 
 /** The folder with the committed migrations (graphile-migrate's `migrationsFolder`, as in .gmrc). */
@@ -22,6 +24,9 @@ export async function runMigrations(connectionString: string, log: (msg: string)
     false,
     false,
   );
+  // graphile-migrate keeps its pool 200 ms after use, and exits the process if an idle client of that pool errors
+  // (a PostgreSQL restart in that window would kill a long-running `npm start`): end it now.
+  clearAllPools();
 }
 
 /** The hash of the newest committed migration (its `--! Hash:` header), which graphile-migrate records when applied. */
