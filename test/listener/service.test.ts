@@ -183,6 +183,29 @@ describe('failures', () => {
     expect(calls[3]!.at - calls[2]!.at).toBeGreaterThanOrEqual(950);
   });
 
+  it('a retried assignment that had in fact gone through ends assigned, once, to the same agent', async () => {
+    const { db, sim } = await setup({
+      agents: agents(3),
+      env: { QISCUS_TIMEOUT_MS: '700' },
+      settings: { retry_base_seconds: '0.2', default_max_load: 1 },
+    });
+    // Qiscus performs the assignment, then answers 500; then performs one and never answers (our timeout).
+    sim.setFaults({ script: [{ status: 500, accept: true }, { status: 200, accept: true, hang: true }] });
+    await accepted(sim.sendNewRequest('ambiguous-1'));
+    await accepted(sim.sendNewRequest('ambiguous-2'));
+    await eventually('both confirmed', async () => (await states(db)).assigned === 2, 15_000);
+    for (const room of ['ambiguous-1', 'ambiguous-2']) {
+      expect(sim.assignCount(room)).toBe(1);
+      const calls = sim.assignments.filter((a) => a.room_id === room);
+      expect(new Set(calls.map((c) => c.agent_id)).size, `${room} went to one agent only`).toBe(1);
+      const s = await db.pool.query(`select agent_id, attempts from allocator.sessions where room_id = $1`, [room]);
+      expect(Number(s.rows[0].agent_id)).toBe(sim.agentOf(room));
+      expect(s.rows[0].attempts).toBe(2);
+    }
+    // capacity 1 each: the held slot kept a third room off those agents meanwhile
+    expect(sim.maxLoadSeenAll()).toBe(1);
+  });
+
   it('a room Qiscus refuses for one agent goes to another', async () => {
     const { db, sim } = await setup({ agents: agents(2) });
     sim.setFaults({ rejectAgents: new Set([1]) });
