@@ -12,6 +12,7 @@ import { createPool } from './db/pool.ts';
 import { startHttpServer } from './http/server.ts';
 import { startListenerFromConfig } from './listener/listener.ts';
 import { createLogger } from './log.ts';
+import { createListenerMetrics, createMetricsRegistry, createWebMetrics, registerQueueMetrics } from './metrics/index.ts';
 import { onShutdown } from './shutdown.ts';
 
 const config = loadConfigOrExit('start');
@@ -41,8 +42,24 @@ if (!databaseUrl) {
 
 await runMigrations(databaseUrl, (line) => logger.debug(line));
 const pool = createPool(databaseUrl, logger, { max: config.LISTENER_CONCURRENCY + 10 });
-const web = await startHttpServer({ pool, logger, port: config.PORT, webhookSecret: config.WEBHOOK_SECRET });
-const listener = await startListenerFromConfig(config, { pool, databaseUrl, logger });
+// One registry for the web and listener metrics (and the queue gauges once), served at the app's GET /metrics:
+// one process, one scrape target, no METRICS_PORT.
+const metrics = createMetricsRegistry();
+registerQueueMetrics(metrics, pool, { logger });
+const web = await startHttpServer({
+  pool,
+  logger,
+  port: config.PORT,
+  webhookSecret: config.WEBHOOK_SECRET,
+  metrics,
+  observe: createWebMetrics(metrics),
+});
+const listener = await startListenerFromConfig(config, {
+  pool,
+  databaseUrl,
+  logger,
+  metrics: createListenerMetrics(metrics),
+});
 
 const base = (config.PUBLIC_URL ?? web.url).replace(/\/+$/, '');
 const secret = config.WEBHOOK_SECRET ? `?secret=${encodeURIComponent(config.WEBHOOK_SECRET)}` : '';
@@ -53,7 +70,7 @@ process.stdout.write(
     `  Custom Agent Allocation webhook:  ${base}/api/v1/new_request${secret}`,
     `  Mark as Resolved webhook:         ${base}/api/v1/close_request${secret}`,
     config.PUBLIC_URL ? '' : '  (replace the host with the address Qiscus can reach, or set PUBLIC_URL)',
-    `Health: ${web.url}/healthz   Readiness: ${web.url}/readyz`,
+    `Health: ${web.url}/healthz   Readiness: ${web.url}/readyz   Metrics: ${web.url}/metrics`,
     `Queue:  psql ${databaseUrl} -c 'table allocator.queue'`,
     '',
   ].join('\n') + '\n',

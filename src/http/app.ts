@@ -1,5 +1,5 @@
 /**
- * The HTTP app: Qiscus's two webhooks, health and readiness. Thin by design (SPEC): it validates, hands the
+ * The HTTP app: Qiscus's two webhooks, health, readiness and metrics. Thin by design (SPEC): it validates, hands the
  * payload to one SQL function, and says what that did. No allocation logic lives here.
  *
  * Each webhook is one `select allocator.accept_*(...)` in autocommit: when the query returns, the webhook row and
@@ -13,6 +13,7 @@ import { Hono } from 'hono';
 import { HTTPException } from 'hono/http-exception';
 import type { ContentfulStatusCode } from 'hono/utils/http-status';
 import type pg from 'pg';
+import type { Registry } from 'prom-client';
 import { migrationsApplied } from '../db/migrate.ts';
 import type { Logger } from '../log.ts';
 import { problem, type AppContext, type AppEnv } from './context.ts';
@@ -31,6 +32,8 @@ export interface AppOptions {
   observe?: Observer;
   /** Body size limit in bytes (default 256 KiB). */
   maxBodyBytes?: number;
+  /** Served at `GET /metrics` (no secret needed: it holds counts, never payloads). Without it, /metrics is a 404. */
+  metrics?: Registry;
 }
 
 /** What a webhook's SQL function returns (bigints arrive as strings). */
@@ -109,12 +112,20 @@ export function createApp(opts: AppOptions): Hono<AppEnv> {
     return c.json({ ok: true, database: 'reachable', migrations: 'applied' });
   });
 
+  const registry = opts.metrics;
+  if (registry) {
+    app.get(ROUTES.metrics, async (c) =>
+      c.body(await registry.metrics(), 200, { 'Content-Type': registry.contentType }),
+    );
+  }
+
   // Known paths with the wrong method: say so rather than 404.
   for (const [path, allow] of [
     [ROUTES.newRequest, 'POST'],
     [ROUTES.closeRequest, 'POST'],
     [ROUTES.healthz, 'GET, HEAD'],
     [ROUTES.readyz, 'GET, HEAD'],
+    ...(registry ? ([[ROUTES.metrics, 'GET, HEAD']] as const) : []),
   ] as const) {
     app.all(path, (c) => problem(c, 405, `method ${c.req.method} not allowed on ${path}; use ${allow}`, undefined, {
       Allow: allow,

@@ -7,6 +7,7 @@
 import { loadConfigOrExit } from '../config/index.ts';
 import { createLogger } from '../log.ts';
 import { createPool } from '../db/pool.ts';
+import { createMetricsRegistry, createWebMetrics, registerQueueMetrics } from '../metrics/index.ts';
 import { startHttpServer } from './server.ts';
 
 const config = loadConfigOrExit('web');
@@ -16,12 +17,21 @@ const logger = createLogger(config.LOG_LEVEL, 'web');
 process.on('unhandledRejection', (err) => logger.error({ err }, 'unhandled promise rejection'));
 
 const pool = createPool(config.DATABASE_URL!, logger, { applicationName: 'allocator-web' });
-const web = await startHttpServer({ pool, logger, port: config.PORT, webhookSecret: config.WEBHOOK_SECRET }).catch(
-  (err: unknown) => {
-    logger.fatal({ err }, `cannot listen on port ${config.PORT}`);
-    process.exit(1);
-  },
-);
+// GET /metrics on the same port: webhook metrics, the queue read from the database, process metrics.
+const metrics = createMetricsRegistry();
+registerQueueMetrics(metrics, pool, { logger });
+const observe = createWebMetrics(metrics);
+const web = await startHttpServer({
+  pool,
+  logger,
+  port: config.PORT,
+  webhookSecret: config.WEBHOOK_SECRET,
+  metrics,
+  observe,
+}).catch((err: unknown) => {
+  logger.fatal({ err }, `cannot listen on port ${config.PORT}`);
+  process.exit(1);
+});
 logger.info({ port: web.port, secret: config.WEBHOOK_SECRET ? 'required' : 'not set' }, `web listening on ${web.url}`);
 
 let stopping = false;

@@ -13,6 +13,7 @@ export const ROUTES = {
   closeRequest: '/api/v1/close_request',
   healthz: '/healthz',
   readyz: '/readyz',
+  metrics: '/metrics',
 } as const;
 export type RouteLabel = (typeof ROUTES)[keyof typeof ROUTES] | 'other';
 
@@ -66,7 +67,8 @@ export function requestContext(logger: Logger, observe?: Observer): MiddlewareHa
       room_id: c.get('roomId'),
       problem: c.get('problem'),
     };
-    const health = route === ROUTES.healthz || route === ROUTES.readyz;
+    // Probes and scrapes arrive every few seconds: only worth a line when debugging.
+    const health = route === ROUTES.healthz || route === ROUTES.readyz || route === ROUTES.metrics;
     // 503 is the database being away (already logged once per request as such): a warning, not a bug.
     if (status >= 500 && status !== 503) log.error(line, 'request failed');
     else if (status === 503) log.warn(line, 'request failed: unavailable');

@@ -7,6 +7,7 @@ import pgListen, { type Subscriber } from 'pg-listen';
 import type pg from 'pg';
 import type { Logger } from '../log.ts';
 import type { Config } from '../config/index.ts';
+import type { ListenerMetrics } from '../metrics/listener.ts';
 import { createQiscusClient, type QiscusClient } from '../qiscus/client.ts';
 import { AllocatorLoop, errText, type LoopEvents } from './allocator-loop.ts';
 import { syncRoster, type SyncResult } from './roster-sync.ts';
@@ -146,20 +147,25 @@ export async function startListener(o: ListenerOptions): Promise<Listener> {
   };
 }
 
-/** The listener as configured by the environment (used by `npm run listener` and `npm start`). */
-export function startListenerFromConfig(
+/**
+ * The listener as configured by the environment (used by `npm run listener` and `npm start`). With `metrics`, the
+ * Qiscus client is instrumented and the hooks feed the metrics too.
+ */
+export async function startListenerFromConfig(
   config: Config,
-  deps: { pool: pg.Pool; databaseUrl: string; logger: Logger } & LoopEvents,
+  deps: { pool: pg.Pool; databaseUrl: string; logger: Logger; metrics?: ListenerMetrics } & LoopEvents,
 ): Promise<Listener> {
-  const { logger } = deps;
-  return startListener({
-    ...deps,
-    qiscus: createQiscusClient({
-      baseUrl: config.QISCUS_BASE_URL,
-      appId: config.QISCUS_APP_ID!,
-      secretKey: config.QISCUS_SECRET_KEY!,
-      responseTimeoutMs: config.QISCUS_TIMEOUT_MS,
-    }),
+  const { logger, metrics, ...rest } = deps;
+  const client = createQiscusClient({
+    baseUrl: config.QISCUS_BASE_URL,
+    appId: config.QISCUS_APP_ID!,
+    secretKey: config.QISCUS_SECRET_KEY!,
+    responseTimeoutMs: config.QISCUS_TIMEOUT_MS,
+  });
+  const listener = await startListener({
+    ...rest,
+    logger,
+    qiscus: metrics ? metrics.instrument(client) : client,
     concurrency: config.LISTENER_CONCURRENCY,
     sweepSeconds: config.SWEEP_SECONDS,
     syncSeconds: config.AGENT_SYNC_SECONDS,
@@ -168,7 +174,16 @@ export function startListenerFromConfig(
         { room: r.room_id, agent: Number(r.agent_id), attempt: r.attempt, outcome, ms: Math.round(ms), error },
         'assignment',
       );
+      metrics?.onOutcome(r, outcome, ms, error);
       deps.onOutcome?.(r, outcome, ms, error);
     },
+    onReserved: (r, lagMs) => {
+      metrics?.onReserved(r, lagMs);
+      deps.onReserved?.(r, lagMs);
+    },
+    onSync: metrics?.onSync,
+    onSyncError: metrics?.onSyncError,
   });
+  metrics?.watch(listener.loop);
+  return listener;
 }
