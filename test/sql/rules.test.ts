@@ -87,6 +87,9 @@ describe('rules', () => {
 
   it('honours a replaced agent_preference() on the next reservation, on the same connection', async () => {
     await addAgents(db.pool, [1, 2, 3], { max_load: 5 });
+    const original = (
+      await db.pool.query(`select pg_get_functiondef('allocator.agent_preference()'::regprocedure) as def`)
+    ).rows[0].def as string;
     const c = await db.client(); // a long-lived connection, like a listener's
     await queue(c, 'a');
     expect((await reserve(c))?.agent_id).toBe('1'); // default: least loaded, then by id
@@ -112,14 +115,7 @@ describe('rules', () => {
       expect(new Set(got.map((g) => g.agent_id))).toEqual(new Set(['1']));
       expect(got).toHaveLength(4); // agent 1: 5 slots, 1 used by 'a'
     } finally {
-      await db.pool.query(`
-        create or replace function allocator.agent_preference() returns setof allocator.agents
-        language sql stable as $$
-          select a.* from allocator.agents a
-          where a.type = 'agent' and a.present and a.is_available and not a.force_offline and not a.paused
-            and a.load + a.external_load < coalesce(a.max_load, (select allocator.default_max_load()))
-          order by a.load + a.external_load, a.last_assigned_at nulls first, a.id
-        $$`);
+      await db.pool.query(original);
       await c.end();
     }
   });
