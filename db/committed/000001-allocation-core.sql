@@ -1,5 +1,5 @@
 --! Previous: -
---! Hash: sha1:aaf97ee597cecabff7dd34aa5c13a504d2557595
+--! Hash: sha1:0da6a2f32fddd752697df4d59f1e965a94e6bbbe
 --! Message: allocation core
 
 --------------------------------------------------------------------------------------------------------------------
@@ -86,6 +86,7 @@ create table allocator.agents (
   max_load         integer check (max_load >= 0),         -- null: settings.default_max_load
   load             integer not null default 0 check (load >= 0),          -- rooms we reserved or assigned, open
   external_load    integer not null default 0 check (external_load >= 0), -- rooms Qiscus shows that we did not assign
+  external_seen    integer not null default 0,            -- external count computed by the last sync (see sync_agents)
   qiscus_load      integer,                               -- Qiscus current_customer_count at the last sync
   last_assigned_at timestamptz,                           -- tie-break: longest idle agent first
   synced_at        timestamptz,
@@ -142,6 +143,17 @@ comment on view allocator.eligible_agents is 'Agents online, not paused, and bel
 -- there are.
 create index agents_online_by_load on allocator.agents ((load + external_load), last_assigned_at nulls first, id)
   where type = 'agent' and present and is_available and not force_offline and not paused;
+
+-- The largest capacity any agent has: the default or the biggest per-agent max_load (one probe of agents_max_load).
+create index agents_max_load on allocator.agents (max_load) where max_load is not null;
+
+create function allocator.max_capacity()
+returns integer
+language sql stable
+as $$
+  select greatest(allocator.default_max_load(),
+                  coalesce((select max(a.max_load) from allocator.agents a where a.max_load is not null), 0))
+$$;
 
 --------------------------------------------------------------------------------------------------------------------
 -- Webhooks, sessions, attempts
@@ -324,7 +336,7 @@ as $$ select pg_advisory_xact_lock(1364, hashtext(room)) $$;
 --   queued            a new waiting session was opened (new or returning customer)
 --   already_queued    the room is already waiting
 --   already_assigned  the room is reserved or assigned
---   duplicate         a late copy of the webhook that opened the room's last, already resolved, session
+--   duplicate         a late copy of a webhook that opened one of the room's sessions, since resolved
 create function allocator.accept_new_request(payload jsonb, request_id text default null)
 returns table (outcome text, session_id bigint, webhook_id bigint)
 language plpgsql
@@ -349,11 +361,15 @@ begin
   elsif last.state in ('reserved', 'assigned') then
     v_outcome := 'already_assigned';
     v_session := last.id;
-  elsif last.state = 'resolved' and last.prior_service_id is not distinct from prior then
-    -- Same latest_service as the webhook that opened the resolved session: a redelivery, not a new customer
-    -- message (a returning customer's webhook names the service that was just resolved).
+  elsif exists (select from allocator.sessions r
+                where r.room_id = room and r.state = 'resolved' and r.prior_service_id is not distinct from prior) then
+    -- Same latest_service as the webhook that opened a session since resolved: a redelivery, not a new customer
+    -- message (a returning customer's webhook names the service that was just resolved, which no earlier session
+    -- was opened after).
     v_outcome := 'duplicate';
-    v_session := last.id;
+    select r.id into v_session from allocator.sessions r
+    where r.room_id = room and r.state = 'resolved' and r.prior_service_id is not distinct from prior
+    order by r.id desc limit 1;
   else
     insert into allocator.sessions (room_id, source, prior_service_id)
     values (room, nullif(payload ->> 'source', ''), prior)
@@ -400,6 +416,13 @@ begin
 
   if last.id is null then
     v_outcome := 'unknown_room';
+  elsif service is not null
+        and (last.prior_service_id = service
+             or exists (select from allocator.sessions r
+                        where r.room_id = room and r.state = 'resolved' and r.service_id = service)) then
+    -- A repeat of a resolution already applied: the open session, if any, is a returning customer's new one
+    -- (opened after that service was resolved), so it must stay open.
+    v_outcome := 'already_resolved';
   elsif last.state in ('waiting', 'reserved', 'assigned') then
     if last.state in ('reserved', 'assigned') or last.holds_slot then
       perform allocator.release_slot(last.agent_id);
@@ -437,6 +460,9 @@ $$;
 -- overload an agent or wake one that is offline. Keep it one STABLE SQL SELECT: PostgreSQL then inlines it into
 -- reserve()'s query and reads only the first rows from an index.
 -- Default: fewest open rooms first (ours and those assigned by hand), then the agent idle longest.
+-- The second bound on load is redundant for correctness; it turns the walk of agents_online_by_load into a range
+-- that ends at the first load nobody can carry, so with every agent full the scan stops at once instead of
+-- reading all online agents.
 create function allocator.agent_preference()
 returns setof allocator.agents
 language sql stable
@@ -445,6 +471,7 @@ as $$
   from allocator.agents a
   where a.type = 'agent' and a.present and a.is_available and not a.force_offline and not a.paused
     and a.load + a.external_load < coalesce(a.max_load, (select allocator.default_max_load()))
+    and a.load + a.external_load < (select allocator.max_capacity())
   order by a.load + a.external_load, a.last_assigned_at nulls first, a.id
 $$;
 
@@ -504,8 +531,9 @@ declare
   candidate  bigint;
   s          allocator.sessions;
 begin
-  -- The usual idle state (nothing due) answers from one index probe.
-  if not exists (select 1 from allocator.sessions q where q.state = 'waiting' and q.next_attempt_at <= now()) then
+  -- The usual idle state (nothing due) answers from one probe of sessions_due. Written as min(), not EXISTS:
+  -- with a long queue the planner would turn the EXISTS into a sequential scan that reads the whole history.
+  if coalesce((select min(q.next_attempt_at) from allocator.sessions q where q.state = 'waiting') > now(), true) then
     return;
   end if;
 
@@ -646,8 +674,9 @@ begin
 
   if tries >= allocator.setting_int('max_attempts', 8) then
     give_up := format('gave up after %s attempts; last error: %s', tries, reason);
-  elsif not exists (select 1 from allocator.agents a
-                    where a.type = 'agent' and a.present and a.id <> all (excluded)) then
+  elsif cardinality(excluded) > 0
+        and not exists (select 1 from allocator.agents a
+                        where a.type = 'agent' and a.present and a.id <> all (excluded)) then
     give_up := format('refused by every agent; last error: %s', reason);
   end if;
 
@@ -769,6 +798,9 @@ $$;
 -- is the number of rooms assigned by hand. Rooms we assigned during the pull are not subtracted (they may be
 -- counted twice until the next sync: too careful, never too loose); rooms we saw resolved during the pull are
 -- subtracted (Qiscus resolves before it tells us, so a resolution we applied is never undone).
+-- One pull can still undercount: a room Qiscus resolved a moment before the pull, whose resolution webhook we have
+-- not stored yet, is still ours here and absent there. So the count rises at once but falls only as far as two
+-- pulls in a row agree: a momentary dip never lets an agent be given one room too many.
 -- With `complete` (every page was read) agents missing from the list are marked as no longer present.
 create function allocator.sync_agents(roster jsonb, started_at timestamptz, complete boolean default true)
 returns integer
@@ -798,19 +830,24 @@ begin
     group by s.agent_id
   )
   insert into allocator.agents as a (id, name, email, type, is_available, force_offline, present, qiscus_load,
-                                     external_load, synced_at)
+                                     external_load, external_seen, synced_at)
   select i.id, i.name, i.email, i.type, i.is_available, i.force_offline, true, i.qiscus_load,
-         greatest(i.qiscus_load - coalesce(o.counted, 0), 0), now()
+         greatest(i.qiscus_load - coalesce(o.counted, 0), 0), greatest(i.qiscus_load - coalesce(o.counted, 0), 0),
+         now()
   from incoming i left join ours o on o.agent_id = i.id
   on conflict (id) do update
   set name = excluded.name, email = excluded.email, type = excluded.type, is_available = excluded.is_available,
       force_offline = excluded.force_offline, present = true, qiscus_load = excluded.qiscus_load,
-      external_load = excluded.external_load, synced_at = excluded.synced_at
+      external_load = greatest(excluded.external_seen, least(a.external_load, a.external_seen)),
+      external_seen = excluded.external_seen,
+      synced_at = excluded.synced_at
   -- skip rewriting unchanged rows: no dead tuples and no wake-ups every sync
-  where (a.name, a.email, a.type, a.is_available, a.force_offline, a.present, a.qiscus_load, a.external_load)
+  where (a.name, a.email, a.type, a.is_available, a.force_offline, a.present, a.qiscus_load, a.external_load,
+         a.external_seen)
         is distinct from
         (excluded.name, excluded.email, excluded.type, excluded.is_available, excluded.force_offline, true,
-         excluded.qiscus_load, excluded.external_load);
+         excluded.qiscus_load, greatest(excluded.external_seen, least(a.external_load, a.external_seen)),
+         excluded.external_seen);
   get diagnostics n = row_count;
 
   if complete then

@@ -1,5 +1,5 @@
---! Previous: sha1:aaf97ee597cecabff7dd34aa5c13a504d2557595
---! Hash: sha1:09de038c986e5d89a1546a5711c26f4d5c3bcf33
+--! Previous: sha1:0da6a2f32fddd752697df4d59f1e965a94e6bbbe
+--! Hash: sha1:6a240c4182fe033bb0a03ac5a49bb2714477cc29
 --! Message: rules and stats
 
 --------------------------------------------------------------------------------------------------------------------

@@ -65,6 +65,20 @@ describe('allocation webhook', () => {
     expect((await db.pool.query(`select count(*)::int as n from allocator.sessions`)).rows[0].n).toBe(1);
   });
 
+  it('a late copy of an older webhook is a duplicate even after the customer came back', async () => {
+    await addAgents(db.pool, [1]);
+    const first = newRequest('r1'); // latest_service null
+    await queue(db.pool, 'r1', first);
+    await assignAll(db.pool);
+    await resolve(db.pool, 'r1', 7);
+    await queue(db.pool, 'r1', returningRequest('r1', 7)); // second session
+    await assignAll(db.pool);
+    await resolve(db.pool, 'r1', 8);
+    expect((await queue(db.pool, 'r1', first)).outcome).toBe('duplicate');
+    expect((await queue(db.pool, 'r1', returningRequest('r1', 7))).outcome).toBe('duplicate');
+    expect((await db.pool.query(`select count(*)::int as n from allocator.sessions`)).rows[0].n).toBe(2);
+  });
+
   it('queues a returning customer (same room, new session after a resolution)', async () => {
     await addAgents(db.pool, [1]);
     await queue(db.pool, '1905692');
@@ -116,6 +130,16 @@ describe('resolution webhook', () => {
     const next = await reserve(db.pool);
     expect(next?.room_id).toBe('b');
     await confirm(db.pool, next!.attempt_id);
+  });
+
+  it('a repeated resolution leaves the returning customer\'s new session open', async () => {
+    await addAgents(db.pool, [1]);
+    await queue(db.pool, 'r1');
+    await assignAll(db.pool);
+    expect((await resolve(db.pool, 'r1', 7)).outcome).toBe('resolved');
+    await queue(db.pool, 'r1', returningRequest('r1', 7));
+    expect((await resolve(db.pool, 'r1', 7)).outcome).toBe('already_resolved');
+    expect((await sessionOf(db.pool, 'r1')).state).toBe('waiting');
   });
 
   it('closes a waiting or reserved room too, and says when the room is unknown or already resolved', async () => {
@@ -395,6 +419,15 @@ describe('outcomes of a reservation', () => {
     expect((await sessionOf(db.pool, 'picky')).state).toBe('waiting');
   });
 
+  it('a room nobody refused keeps waiting when every agent vanishes', async () => {
+    await addAgents(db.pool, [1]);
+    await queue(db.pool, 'a');
+    const r = (await reserve(db.pool))!;
+    await db.pool.query(`update allocator.agents set present = false`);
+    expect((await db.pool.query(`select allocator.release($1, 'shutting down') as s`, [r.attempt_id])).rows[0].s)
+      .toBe('waiting');
+  });
+
   it('release hands a reservation back without using up an attempt', async () => {
     await addAgents(db.pool, [1]);
     await queue(db.pool, 'a');
@@ -457,6 +490,22 @@ describe('roster sync', () => {
       { id: '2', is_available: true, present: false, type: 'agent' },
       { id: '3', is_available: true, present: true, type: 'supervisor' },
     ]);
+  });
+
+  it('raises the by-hand count at once but lowers it only when two syncs agree', async () => {
+    const sync = (count: number) => db.pool.query(`select allocator.sync_agents($1, now())`, [roster([agent(1, count)])]);
+    const external = async () => (await db.pool.query(`select external_load from allocator.agents`)).rows[0].external_load;
+    await sync(2);
+    expect(await external()).toBe(2);
+    await sync(0); // one pull may miss rooms (a resolution in flight): not trusted alone
+    expect(await external()).toBe(2);
+    await sync(2);
+    expect(await external()).toBe(2);
+    await sync(1);
+    await sync(1); // two in a row: believed
+    expect(await external()).toBe(1);
+    await sync(3);
+    expect(await external()).toBe(3);
   });
 
   it('counts rooms assigned by hand, without counting ours twice or undoing a resolution', async () => {

@@ -1,0 +1,476 @@
+/**
+ * Commands of the model-based test: plain records (so a shrunk counterexample can be pasted into
+ * regressions.test.ts as is), their fast-check arbitraries, and a harness that applies each command to
+ * PostgreSQL and to the reference model (model.ts) and then checks that both agree and that the SPEC's
+ * invariants hold.
+ */
+import { isDeepStrictEqual } from 'node:util';
+import fc from 'fast-check';
+import type pg from 'pg';
+import { newRequest, resolvedRequest, type Json } from '../support/fixtures.ts';
+import { Model, SQL_RULES, type Reservation, type RosterEntry, type Rules, type Session, type WebhookResult } from './model.ts';
+
+// ---------------------------------------------------------------------------------------------------------------
+// The universe: small, so that rooms, agents and service ids collide.
+
+export const AGENTS = [1, 2, 3, 4] as const;
+export const ROOMS = 6;
+export const SERVICES = [7, 8, 9] as const;
+
+export type RosterStatus = 'online' | 'away' | 'forced' | 'supervisor' | 'vanish';
+
+export type Command =
+  /** Allocation webhook for room r<room>; latest_service.id = prior (null: a new customer). */
+  | { kind: 'newRequest'; room: number; prior: number | null }
+  /** Mark-as-Resolved webhook for room r<room> with service.id = service. */
+  | { kind: 'resolve'; room: number; service: number | null }
+  /** Mark-as-Resolved webhook for the pick-th room with an agent (reserved or assigned), else the pick-th open room. */
+  | { kind: 'resolveOpen'; pick: number; service: number | null }
+  /** The pick-th most recent earlier webhook (of either kind), delivered again. */
+  | { kind: 'duplicate'; pick: number }
+  | { kind: 'reserve' }
+  /**
+   * Outcome of a reservation: the pick-th most recent of those still current (0: the last one), or with
+   * `stale`, of all reservations made so far (most of them stale: rescued, resolved or reported already).
+   */
+  | { kind: 'confirm'; pick: number; stale?: boolean; service: number | null }
+  | { kind: 'failTransient'; pick: number; stale?: boolean; maybeAssigned: boolean }
+  | { kind: 'failForAgent'; pick: number; stale?: boolean }
+  /** release(attempt, reason, delayed ? 3600 : 0, maybeAssigned) */
+  | { kind: 'release'; pick: number; stale?: boolean; delayed: boolean; maybeAssigned: boolean }
+  /** Every lease runs out, then rescue_expired(). */
+  | { kind: 'leaseExpires' }
+  /** Every pending backoff ends. */
+  | { kind: 'timePasses' }
+  /**
+   * sync_agents(roster, now(), complete) with agent i+1 as agents[i] says ('vanish': left out of the list);
+   * current_customer_count = our assigned rooms + byHand (byHand -1: Qiscus shows fewer than ours).
+   */
+  | { kind: 'roster'; agents: Array<{ status: RosterStatus; byHand: number }>; complete: boolean }
+  | { kind: 'defaultMaxLoad'; value: number }
+  | { kind: 'agentMaxLoad'; agent: number; value: number | null }
+  | { kind: 'pause'; agent: number; paused: boolean }
+  | { kind: 'maxAttempts'; value: number };
+
+// ---------------------------------------------------------------------------------------------------------------
+// Arbitraries
+
+/** fc.record, always with a plain prototype (so a printed counterexample pastes as is). */
+// eslint-disable-next-line @typescript-eslint/no-explicit-any
+const rec = ((model: any) => fc.record(model, { noNullPrototype: true })) as typeof fc.record;
+
+const room = fc.integer({ min: 1, max: ROOMS });
+const service = fc.constantFrom(...SERVICES);
+const agent = fc.constantFrom(...AGENTS);
+const pick = fc.nat({ max: 4 });
+const stale = fc.oneof({ arbitrary: fc.constant(false), weight: 4 }, { arbitrary: fc.constant(true), weight: 1 });
+
+const rosterEntry = (online: number) =>
+  rec({
+    status: fc.oneof(
+      { arbitrary: fc.constant<RosterStatus>('online'), weight: online },
+      { arbitrary: fc.constantFrom<RosterStatus>('away', 'forced', 'supervisor', 'vanish'), weight: 1 },
+    ),
+    byHand: fc.oneof({ arbitrary: fc.constant(0), weight: 4 }, { arbitrary: fc.integer({ min: -1, max: 2 }), weight: 1 }),
+  });
+
+export const rosterArb = (online = 3): fc.Arbitrary<Extract<Command, { kind: 'roster' }>> =>
+  rec({
+    kind: fc.constant('roster' as const),
+    agents: fc.tuple(...AGENTS.map(() => rosterEntry(online))),
+    complete: fc.oneof({ arbitrary: fc.constant(true), weight: 4 }, { arbitrary: fc.constant(false), weight: 1 }),
+  });
+
+export const commandArb: fc.Arbitrary<Command> = fc.oneof(
+  { weight: 10, arbitrary: rec({ kind: fc.constant('newRequest' as const), room, prior: fc.option(service, { freq: 2 }) }) },
+  { weight: 1, arbitrary: rec({ kind: fc.constant('resolve' as const), room, service: fc.option(service, { freq: 6 }) }) },
+  { weight: 3, arbitrary: rec({ kind: fc.constant('resolveOpen' as const), pick, service: fc.option(service, { freq: 6 }) }) },
+  { weight: 2, arbitrary: rec({ kind: fc.constant('duplicate' as const), pick }) },
+  { weight: 8, arbitrary: fc.constant({ kind: 'reserve' as const }) },
+  { weight: 4, arbitrary: rec({ kind: fc.constant('confirm' as const), pick, stale, service: fc.option(service, { freq: 2 }) }) },
+  { weight: 2, arbitrary: rec({ kind: fc.constant('failTransient' as const), pick, stale, maybeAssigned: fc.boolean() }) },
+  { weight: 2, arbitrary: rec({ kind: fc.constant('failForAgent' as const), pick, stale }) },
+  {
+    weight: 1,
+    arbitrary: rec({ kind: fc.constant('release' as const), pick, stale, delayed: fc.boolean(), maybeAssigned: fc.boolean() }),
+  },
+  { weight: 1, arbitrary: fc.constant({ kind: 'leaseExpires' as const }) },
+  { weight: 3, arbitrary: fc.constant({ kind: 'timePasses' as const }) },
+  { weight: 3, arbitrary: rosterArb() },
+  { weight: 1, arbitrary: rec({ kind: fc.constant('defaultMaxLoad' as const), value: fc.integer({ min: 0, max: 3 }) }) },
+  {
+    weight: 1,
+    arbitrary: rec({
+      kind: fc.constant('agentMaxLoad' as const),
+      agent,
+      value: fc.option(fc.integer({ min: 0, max: 3 }), { freq: 3 }),
+    }),
+  },
+  { weight: 2, arbitrary: rec({ kind: fc.constant('pause' as const), agent, paused: fc.boolean() }) },
+  { weight: 1, arbitrary: rec({ kind: fc.constant('maxAttempts' as const), value: fc.integer({ min: 1, max: 4 }) }) },
+);
+
+/** A run: an initial roster (mostly online), then the commands. */
+export const scenarioArb = (maxCommands: number): fc.Arbitrary<Command[]> =>
+  fc.tuple(rosterArb(8), fc.array(commandArb, { minLength: 1, maxLength: maxCommands, size: 'max' })).map(([r, cs]) => [r, ...cs]);
+
+// ---------------------------------------------------------------------------------------------------------------
+// The harness
+
+type Db = pg.ClientBase | pg.Pool;
+
+/** Settings of every run: no backoff ends by itself (see timePasses), and leases do not run out by themselves. */
+export const RUN_SETTINGS: Record<string, string> = {
+  default_max_load: '1', // 4 agents, 6 rooms: rooms wait for a free agent
+  lease_seconds: '3600',
+  retry_base_seconds: '3600',
+  retry_max_seconds: '100000',
+  max_attempts: '3',
+};
+
+export async function resetDatabase(db: Db): Promise<void> {
+  await db.query(
+    `truncate allocator.agents, allocator.sessions, allocator.attempts, allocator.webhooks restart identity cascade`,
+  );
+  await db.query(
+    `update allocator.settings s set value = d.value from jsonb_each_text($1::jsonb) d where s.key = d.key`,
+    [JSON.stringify(RUN_SETTINGS)],
+  );
+}
+
+export class Mismatch extends Error {
+  override name = 'Mismatch';
+}
+
+type Webhook = { kind: 'new'; room: string; prior: number | null } | { kind: 'close'; room: string; service: number | null };
+
+const num = (v: unknown): number | null => (v === null || v === undefined ? null : Number(v));
+const roomName = (n: number) => `r${n}`;
+
+export function newRequestPayload(room: string, prior: number | null): Json {
+  return newRequest(room, { latest_service: prior === null ? null : { id: prior, room_id: room, is_resolved: true } });
+}
+
+export function resolvedPayload(room: string, service: number | null): Json {
+  const p = resolvedRequest(room);
+  return { ...p, service: { ...p.service, id: service } };
+}
+
+export function format(cmd: Command): string {
+  return JSON.stringify(cmd);
+}
+
+/**
+ * Applies commands to the database and to the model and compares them after each one. Create one per run, on a
+ * database just reset with resetDatabase().
+ */
+export class Harness {
+  readonly model: Model;
+  readonly webhooks: Webhook[] = [];
+  readonly reservations: Reservation[] = [];
+  readonly log: string[] = [];
+  /** What happened, by kind: to see that a run exercises what it should (model.test.ts prints the totals). */
+  readonly stats: Record<string, number> = {};
+  private step = 0;
+  private delivered = 0;
+  private loads = new Map<number, number>();
+
+  constructor(
+    private readonly db: Db,
+    rules: Rules = SQL_RULES,
+  ) {
+    this.model = new Model(rules);
+    this.model.defaultMaxLoad = Number(RUN_SETTINGS.default_max_load);
+    this.model.maxAttempts = Number(RUN_SETTINGS.max_attempts);
+  }
+
+  async run(commands: readonly Command[]): Promise<void> {
+    for (const c of commands) await this.apply(c);
+  }
+
+  private fail(what: string, db: unknown, model: unknown): never {
+    throw new Mismatch(
+      `step ${this.step} ${this.log[this.log.length - 1]}: ${what}\n  db:    ${JSON.stringify(db)}\n  model: ${JSON.stringify(model)}` +
+        `\n  steps so far:\n    ${this.log.join('\n    ')}`,
+    );
+  }
+
+  private count(what: string): void {
+    this.stats[what] = (this.stats[what] ?? 0) + 1;
+  }
+
+  private same(what: string, db: unknown, model: unknown): void {
+    if (!isDeepStrictEqual(db, model)) this.fail(what, db, model);
+  }
+
+  /** The reservation a command names (see Command); undefined when there is none yet. */
+  private reservation(cmd: { pick: number; stale?: boolean }): Reservation | undefined {
+    const current = this.reservations.filter((r) => this.model.sessions[r.sessionId - 1]!.attemptId === r.attemptId);
+    const from = cmd.stale || current.length === 0 ? this.reservations : current;
+    const n = from.length;
+    return n === 0 ? undefined : from[n - 1 - (cmd.pick % n)];
+  }
+
+  async apply(cmd: Command): Promise<void> {
+    this.step += 1;
+    this.log.push(format(cmd));
+    this.model.tick();
+    await this.execute(cmd);
+    await this.compare();
+    if (process.env.MODEL_TRACE) console.log(`${this.step} ${format(cmd)}\n    ${this.describe()}`);
+  }
+
+  /** The model's state in one line (MODEL_TRACE=1 prints it after every step). */
+  describe(): string {
+    const m = this.model;
+    const r = this.reservations[this.reservations.length - 1];
+    return [
+      `last reservation: ${r ? `#${r.attemptId} r${r.room.slice(1)}->${r.agentId}` : '-'}`,
+      `sessions: ${m.sessions.map((s) => `${s.id}:${s.room}:${s.state}${s.agentId === null ? '' : `@${s.agentId}`}${s.holdsSlot ? '(held)' : ''}`).join(' ')}`,
+      `loads: ${[...m.agents.values()].map((a) => `${a.id}=${a.load}+${a.externalLoad}/${m.capacity(a)}`).join(' ')}`,
+    ].join(' | ');
+  }
+
+  private async webhook(w: Webhook): Promise<void> {
+    let db: { outcome: string; session_id: string | null };
+    let model: WebhookResult;
+    if (w.kind === 'new') {
+      db = (await this.db.query(`select * from allocator.accept_new_request($1::jsonb, 'model')`, [newRequestPayload(w.room, w.prior)])).rows[0];
+      model = this.model.acceptNewRequest(w.room, w.prior);
+    } else {
+      db = (await this.db.query(`select * from allocator.accept_close_request($1::jsonb, 'model')`, [resolvedPayload(w.room, w.service)])).rows[0];
+      model = this.model.acceptCloseRequest(w.room, w.service);
+    }
+    const got = { outcome: db.outcome, sessionId: num(db.session_id) };
+    this.count(`${w.kind}:${db.outcome}`);
+    const what = `${w.kind === 'new' ? 'accept_new_request' : 'accept_close_request'} result`;
+    if (model.sessionId === undefined) this.same(what, { outcome: got.outcome }, { outcome: model.outcome });
+    else this.same(what, got, model);
+    // Invariant 3: every webhook is stored, with what it did.
+    this.delivered += 1;
+    const logged = (await this.db.query(`select count(*)::int as n, (array_agg(kind || ' ' || room_id || ' ' || outcome order by id desc))[1] as last
+                                          from allocator.webhooks`)).rows[0];
+    this.same('allocator.webhooks: one row per delivery, the last one saying what it did', logged,
+      { n: this.delivered, last: `${w.kind === 'new' ? 'new_request' : 'close_request'} ${w.room} ${got.outcome}` });
+  }
+
+  private async execute(cmd: Command): Promise<void> {
+    const m = this.model;
+    const db = this.db;
+    switch (cmd.kind) {
+      case 'newRequest': {
+        const w: Webhook = { kind: 'new', room: roomName(cmd.room), prior: cmd.prior };
+        this.webhooks.push(w);
+        return this.webhook(w);
+      }
+      case 'resolve': {
+        const w: Webhook = { kind: 'close', room: roomName(cmd.room), service: cmd.service };
+        this.webhooks.push(w);
+        return this.webhook(w);
+      }
+      case 'resolveOpen': {
+        const served = m.sessions.filter((s) => s.state === 'reserved' || s.state === 'assigned');
+        const open = served.length > 0 ? served : m.sessions.filter((s) => s.state === 'waiting');
+        if (open.length === 0) return;
+        const w: Webhook = { kind: 'close', room: open[cmd.pick % open.length]!.room, service: cmd.service };
+        this.webhooks.push(w);
+        return this.webhook(w);
+      }
+      case 'duplicate': {
+        const n = this.webhooks.length;
+        if (n > 0) await this.webhook(this.webhooks[n - 1 - (cmd.pick % n)]!);
+        return;
+      }
+      case 'reserve': {
+        const tied = m.heldCandidates();
+        const row = (await db.query(`select * from allocator.reserve()`)).rows[0];
+        let pickHeld = (t: Session[]) => t[0]!;
+        if (tied.length > 1) {
+          // PostgreSQL's choice among held rooms that became due together: the one that no longer holds its slot
+          const r = await db.query(
+            `select id from allocator.sessions where id = any($1::bigint[]) and not (state = 'waiting' and holds_slot)`,
+            [tied.map((s) => s.id)],
+          );
+          const chosen = r.rows.length === 1 ? tied.find((s) => s.id === Number(r.rows[0].id)) : undefined;
+          if (chosen) pickHeld = () => chosen;
+        }
+        const expected = m.reserve(pickHeld);
+        const got = row
+          ? { attemptId: Number(row.attempt_id), sessionId: Number(row.session_id), room: row.room_id as string,
+              agentId: Number(row.agent_id), attempt: row.attempt as number }
+          : null;
+        this.same('reserve() result', got, expected);
+        if (tied.length === 0) {
+          const due = m.queue().filter((s) => m.due(s)).length;
+          this.count(expected ? 'reserve:row' : due === 0 ? 'reserve:none(nothing due)' : 'reserve:none(no agent)');
+        }
+        else if (expected && tied.some((s) => s.id === expected.sessionId)) this.count(`reserve:held(${tied.length})`);
+        else this.count(`reserve:held(${tied.length})-let-go:${expected ? 'row' : 'none'}`);
+        if (expected) this.reservations.push(expected);
+        return;
+      }
+      case 'confirm': {
+        const r = this.reservation(cmd);
+        if (!r) return;
+        const ok = (await db.query(`select allocator.confirm($1, $2) as ok`, [r.attemptId, cmd.service])).rows[0].ok;
+        this.count(`confirm:${ok}`);
+        return this.same(`confirm(${r.attemptId}) result`, ok, m.confirm(r.attemptId, cmd.service));
+      }
+      case 'failTransient': {
+        const r = this.reservation(cmd);
+        if (!r) return;
+        const s = (await db.query(`select allocator.fail_transient($1, 'HTTP 503', null, $2) as s`, [r.attemptId, cmd.maybeAssigned])).rows[0].s;
+        this.count(`fail_transient:${s}`);
+        return this.same(`fail_transient(${r.attemptId}) result`, s, m.failTransient(r.attemptId, cmd.maybeAssigned));
+      }
+      case 'failForAgent': {
+        const r = this.reservation(cmd);
+        if (!r) return;
+        const s = (await db.query(`select allocator.fail_for_agent($1, 'HTTP 400 agent refused') as s`, [r.attemptId])).rows[0].s;
+        this.count(`fail_for_agent:${s}`);
+        return this.same(`fail_for_agent(${r.attemptId}) result`, s, m.failForAgent(r.attemptId));
+      }
+      case 'release': {
+        const r = this.reservation(cmd);
+        if (!r) return;
+        const s = (
+          await db.query(`select allocator.release($1, 'shutting down', $2, $3) as s`, [r.attemptId, cmd.delayed ? 3600 : 0, cmd.maybeAssigned])
+        ).rows[0].s;
+        this.count(`release:${s}`);
+        return this.same(`release(${r.attemptId}) result`, s, m.release(r.attemptId, cmd.delayed, cmd.maybeAssigned));
+      }
+      case 'leaseExpires': {
+        await db.query(`update allocator.sessions set lease_expires_at = now() - interval '1 second' where state = 'reserved'`);
+        const n = (await db.query(`select allocator.rescue_expired() as n`)).rows[0].n;
+        this.count(`rescued:${n}`);
+        return this.same('rescue_expired() result', n, m.expireLeases());
+      }
+      case 'timePasses': {
+        await db.query(`update allocator.sessions set next_attempt_at = now() where state = 'waiting' and next_attempt_at > now()`);
+        m.timePasses();
+        return;
+      }
+      case 'roster': {
+        const entries: RosterEntry[] = [];
+        cmd.agents.forEach((a, i) => {
+          const id = AGENTS[i];
+          if (id === undefined || a.status === 'vanish') return;
+          entries.push({
+            id,
+            type: a.status === 'supervisor' ? 'supervisor' : 'agent',
+            isAvailable: a.status !== 'away',
+            forceOffline: a.status === 'forced',
+            count: Math.max(m.ours(id) + a.byHand, 0),
+          });
+        });
+        const roster = entries.map((e) => ({
+          id: e.id, name: `agent ${e.id}`, email: `agent${e.id}@example.com`, is_available: e.isAvailable,
+          force_offline: e.forceOffline, current_customer_count: e.count, type_as_string: e.type,
+        }));
+        const n = (await db.query(`select allocator.sync_agents($1::jsonb, now(), $2) as n`, [JSON.stringify(roster), cmd.complete])).rows[0].n;
+        return this.same('sync_agents() result', n, m.syncAgents(entries, cmd.complete));
+      }
+      case 'defaultMaxLoad':
+        await db.query(`update allocator.settings set value = $1 where key = 'default_max_load'`, [String(cmd.value)]);
+        m.defaultMaxLoad = cmd.value;
+        return;
+      case 'agentMaxLoad':
+        await db.query(`update allocator.agents set max_load = $2 where id = $1`, [cmd.agent, cmd.value]);
+        m.setAgentMaxLoad(cmd.agent, cmd.value);
+        return;
+      case 'pause':
+        await db.query(`update allocator.agents set paused = $2 where id = $1`, [cmd.agent, cmd.paused]);
+        m.setPaused(cmd.agent, cmd.paused);
+        return;
+      case 'maxAttempts':
+        await db.query(`update allocator.settings set value = $1 where key = 'max_attempts'`, [String(cmd.value)]);
+        m.maxAttempts = cmd.value;
+        return;
+    }
+  }
+
+  /** The database agrees with the model, and the SPEC's invariants hold. */
+  async compare(): Promise<void> {
+    const m = this.model;
+    const results = (await this.db.query(`
+      select id, room_id, state::text, agent_id, attempt_id, attempts, excluded_agents, holds_slot, last_agent_id,
+             prior_service_id, service_id, next_attempt_at <= now() as due, last_error,
+             (state = 'reserved') = (lease_expires_at is not null) as lease_ok
+        from allocator.sessions order by id;
+      select room_id, retry_agent_id, session_id from allocator.queue order by position;
+      select a.id, a.type, a.is_available, a.force_offline, a.present, a.paused, a.max_load, a.load, a.external_load,
+             a.qiscus_load, l.available, l.load as total_load, l.capacity
+        from allocator.agents a join allocator.agent_load l using (id) order by a.id;
+      select id from allocator.agent_preference();
+      select id, session_id, agent_id, number, outcome from allocator.attempts order by id;
+      select problem, detail from allocator.check_invariants();
+    `)) as unknown as pg.QueryResult[];
+    const [sessions, queue, agents, preference, attempts, problems] = results.map((r) => r.rows) as [
+      Json[], Json[], Json[], Json[], Json[], Json[],
+    ];
+
+    this.same('check_invariants()', problems, []);
+    for (const s of sessions) if (!s.lease_ok) this.fail('a reserved session has a lease, others none', s, null);
+
+    this.same(
+      'allocator.queue (room, retry agent, session) in order',
+      queue.map((q) => [q.room_id, num(q.retry_agent_id), num(q.session_id)]),
+      m.queue().map((s) => [s.room, s.holdsSlot ? s.agentId : null, s.id]),
+    );
+    this.same(
+      'sessions',
+      sessions.map((s) => ({
+        id: Number(s.id), room: s.room_id, state: s.state, agentId: num(s.agent_id), attemptId: num(s.attempt_id),
+        attempts: s.attempts, excluded: (s.excluded_agents as string[]).map(Number), holdsSlot: s.holds_slot,
+        lastAgentId: num(s.last_agent_id), prior: num(s.prior_service_id), serviceId: num(s.service_id),
+        due: s.state === 'waiting' ? s.due : null,
+        gaveUp: s.state !== 'failed' ? null
+          : /^gave up after \d+ attempts/.test(s.last_error) ? 'attempts'
+          : /^refused by every agent/.test(s.last_error) ? 'refused' : s.last_error,
+      })),
+      m.sessions.map((s) => ({
+        id: s.id, room: s.room, state: s.state, agentId: s.agentId, attemptId: s.attemptId, attempts: s.attempts,
+        excluded: s.excluded, holdsSlot: s.holdsSlot, lastAgentId: s.lastAgentId, prior: s.priorServiceId,
+        serviceId: s.serviceId, due: s.state === 'waiting' ? m.due(s) : null,
+        gaveUp: s.state === 'failed' ? s.gaveUp : null,
+      })),
+    );
+    this.same(
+      'agents',
+      agents.map((a) => ({
+        id: Number(a.id), type: a.type, isAvailable: a.is_available, forceOffline: a.force_offline, present: a.present,
+        paused: a.paused, maxLoad: a.max_load, load: a.load, externalLoad: a.external_load, qiscusLoad: a.qiscus_load,
+        available: a.available, totalLoad: a.total_load, capacity: a.capacity,
+      })),
+      [...m.agents.values()]
+        .sort((x, y) => x.id - y.id)
+        .map((a) => ({
+          id: a.id, type: a.type, isAvailable: a.isAvailable, forceOffline: a.forceOffline, present: a.present,
+          paused: a.paused, maxLoad: a.maxLoad, load: a.load, externalLoad: a.externalLoad, qiscusLoad: a.qiscusLoad,
+          available: a.type === 'agent' && a.present && a.isAvailable && !a.forceOffline && !a.paused,
+          totalLoad: a.load + a.externalLoad, capacity: m.capacity(a),
+        })),
+    );
+    this.same('agent_preference() order', preference.map((p) => Number(p.id)), m.preference().map((a) => a.id));
+    this.same(
+      'attempts',
+      attempts.map((a) => ({ id: Number(a.id), sessionId: Number(a.session_id), agentId: Number(a.agent_id), number: a.number, outcome: a.outcome })),
+      m.attempts.map((a) => ({ ...a })),
+    );
+
+    // Invariant 1: our load only ever grows into a free slot. (It may exceed capacity afterwards, when a DBA
+    // lowers the capacity or a sync reports rooms assigned by hand: then it must not grow until it is below.)
+    for (const a of agents) {
+      const id = Number(a.id);
+      const before = this.loads.get(id) ?? 0;
+      if (a.load > before && a.total_load > a.capacity) this.fail(`agent ${id} was given a room beyond its capacity`, a, { before });
+      this.loads.set(id, a.load);
+    }
+    // Every open room has at most one agent, and no agent serves a room it refused.
+    for (const s of m.sessions) {
+      if ((s.state === 'reserved' || s.state === 'assigned') && s.excluded.includes(s.agentId!)) {
+        this.fail(`room ${s.room} is with agent ${s.agentId}, who refused it`, null, s);
+      }
+    }
+  }
+}

@@ -1,0 +1,434 @@
+/**
+ * A small reference model of the allocation core (db/committed/000001-allocation-core.sql), in plain TypeScript.
+ *
+ * It states the SQL's rules as simply as possible, so that a model-based test (commands.ts, model.test.ts) can run
+ * the same random sequence of webhooks, reservations and outcomes against PostgreSQL and against this model and
+ * check, after every step, that both agree on who waits, in what order, and who holds what.
+ *
+ * Time: no wall clock. `now` is a logical clock that the harness advances by one per command (each command is
+ * its own transaction in PostgreSQL, so its own `now()`). A backoff is "far in the future" (Infinity): the tests
+ * set retry_base_seconds so high that no backoff ends during a run, and an explicit "time passes" command makes
+ * every pending backoff due.
+ *
+ * `rules` chooses, for each known disagreement between the SQL and the SPEC, which of the two the model follows
+ * (see Rules below). Everything else is the SQL's behaviour, deliberately.
+ */
+
+export type State = 'waiting' | 'reserved' | 'assigned' | 'resolved' | 'failed';
+export type Outcome = 'waiting' | 'failed';
+
+export interface Agent {
+  id: number;
+  type: string; // Qiscus type_as_string; only 'agent' serves rooms
+  isAvailable: boolean;
+  forceOffline: boolean;
+  present: boolean; // false once the agent vanished from a complete roster
+  paused: boolean;
+  maxLoad: number | null; // null: settings.default_max_load
+  load: number; // our rooms: reserved + assigned + waiting rooms holding a slot
+  externalLoad: number; // rooms assigned by hand (from the last syncs: up at once, down when two agree)
+  externalSeen: number; // the by-hand count the last sync computed
+  qiscusLoad: number | null;
+  lastAssignedAt: number | null; // logical time of the last slot taken
+}
+
+export interface Session {
+  id: number;
+  room: string;
+  state: State;
+  priorServiceId: number | null;
+  serviceId: number | null;
+  agentId: number | null; // kept after the reservation ends, as history
+  attemptId: number | null; // current reservation, while reserved
+  attempts: number;
+  excluded: number[]; // agents that refused the room, in refusal order
+  holdsSlot: boolean;
+  lastAgentId: number | null; // agent of the last failed (non-refused) try: preferred for the retry
+  nextAt: number; // logical time from which it may be reserved; Infinity while backing off
+  gaveUp: 'attempts' | 'refused' | null; // why it failed: out of attempts, or refused by every agent
+}
+
+export interface Attempt {
+  id: number;
+  sessionId: number;
+  agentId: number;
+  number: number;
+  outcome: string | null;
+}
+
+export interface Reservation {
+  attemptId: number;
+  sessionId: number;
+  room: string;
+  agentId: number;
+  attempt: number;
+}
+
+/** What a webhook did; `sessionId` undefined: any (where the SPEC says nothing about which session is named). */
+export interface WebhookResult {
+  outcome: string;
+  sessionId: number | null | undefined;
+}
+
+export interface RosterEntry {
+  id: number;
+  type: string;
+  isAvailable: boolean;
+  forceOffline: boolean;
+  count: number; // current_customer_count as Qiscus reports it
+}
+
+/**
+ * Where the SQL and the SPEC disagree, which one the model follows. 'sql' mirrors the current SQL (so that the
+ * property test can guard everything else); 'spec' is what the SPEC asks for (the regression tests of the
+ * bugs use it, and fail until the SQL is fixed).
+ */
+export interface Rules {
+  /**
+   * A late copy of an allocation webhook whose session is resolved, when the room had a newer session since.
+   * sql: only the room's LAST session is compared (prior_service_id), so the copy opens a new session.
+   * spec (invariant 4): a copy of any webhook that opened a now-resolved session changes nothing.
+   */
+  lateNewRequestCopy: 'sql' | 'spec';
+  /**
+   * A repeated Mark-as-Resolved webhook (same service id) arriving after the customer came back.
+   * sql: it closes whatever session is open in the room, i.e. the returning customer's new one.
+   * spec (invariant 4): a resolution naming a service that already resolved a session of the room changes nothing.
+   */
+  repeatedResolution: 'sql' | 'spec';
+  /**
+   * A room whose reservation ends without a refusal (transient failure, expired lease, release) when no agent
+   * outside its excluded list is present any more (e.g. its only agent vanished from the roster).
+   * sql: failed, "refused by every agent", although no agent refused it.
+   * spec: it waits like any other room (giving up for refusals needs at least one refusal).
+   */
+  giveUpWithoutRefusal: 'sql' | 'spec';
+}
+
+/** The SQL as it is today. When the SQL is fixed, switch the fixed rule to 'spec' here (or drop the rule). */
+export const SQL_RULES: Rules = { lateNewRequestCopy: 'spec', repeatedResolution: 'spec', giveUpWithoutRefusal: 'spec' };
+export const SPEC_RULES: Rules = { lateNewRequestCopy: 'spec', repeatedResolution: 'spec', giveUpWithoutRefusal: 'spec' };
+
+const OPEN: ReadonlySet<State> = new Set(['waiting', 'reserved', 'assigned']);
+
+export class Model {
+  now = 0;
+  defaultMaxLoad = 2;
+  maxAttempts = 8;
+  readonly agents = new Map<number, Agent>();
+  readonly sessions: Session[] = []; // by id (id = index + 1)
+  readonly attempts: Attempt[] = []; // by id (id = index + 1)
+
+  constructor(readonly rules: Rules = SQL_RULES) {}
+
+  /** Each command is its own transaction: a new `now()`. */
+  tick(): void {
+    this.now += 1;
+  }
+
+  // ---------------------------------------------------------------------------------------------------------------
+  // Reading
+
+  capacity(a: Agent): number {
+    return a.maxLoad ?? this.defaultMaxLoad;
+  }
+
+  /** type agent, present, available, not forced offline: what a held room's agent must be to get it back. */
+  online(a: Agent | undefined): a is Agent {
+    return !!a && a.type === 'agent' && a.present && a.isAvailable && !a.forceOffline;
+  }
+
+  /** The view eligible_agents: online, not paused, below capacity (counting rooms assigned by hand). */
+  eligible(a: Agent | undefined): a is Agent {
+    return this.online(a) && !a.paused && a.load + a.externalLoad < this.capacity(a);
+  }
+
+  /** agent_preference(): eligible agents, fewest rooms first, then idle longest (never assigned first), then id. */
+  preference(): Agent[] {
+    return [...this.agents.values()]
+      .filter((a) => this.eligible(a))
+      .sort(
+        (x, y) =>
+          x.load + x.externalLoad - (y.load + y.externalLoad) ||
+          (x.lastAssignedAt ?? -Infinity) - (y.lastAssignedAt ?? -Infinity) ||
+          x.id - y.id,
+      );
+  }
+
+  lastSession(room: string): Session | undefined {
+    for (let i = this.sessions.length - 1; i >= 0; i--) if (this.sessions[i]!.room === room) return this.sessions[i];
+    return undefined;
+  }
+
+  due(s: Session): boolean {
+    return s.nextAt <= this.now;
+  }
+
+  /** allocator.queue: waiting rooms in serving order (priority is always 0 here, so arrival order = id order). */
+  queue(): Session[] {
+    return this.sessions.filter((s) => s.state === 'waiting');
+  }
+
+  /**
+   * Held rooms that reserve() may pick first: the due ones with the earliest next_attempt_at. The SQL orders them
+   * by next_attempt_at alone, so between rooms that became due in one statement (one rescue, one "time passes")
+   * its choice is unspecified: the caller says which one PostgreSQL took.
+   */
+  heldCandidates(): Session[] {
+    const held = this.sessions.filter((s) => s.state === 'waiting' && s.holdsSlot && this.due(s));
+    const first = Math.min(...held.map((s) => s.nextAt));
+    return held.filter((s) => s.nextAt === first);
+  }
+
+  private agent(id: number | null): Agent {
+    const a = id === null ? undefined : this.agents.get(id);
+    if (!a) throw new Error(`model: no agent ${id}`);
+    return a;
+  }
+
+  private releaseSlot(agentId: number | null): void {
+    const a = this.agent(agentId);
+    if (a.load <= 0) throw new Error(`model: agent ${a.id} load would go below 0`);
+    a.load -= 1;
+  }
+
+  // ---------------------------------------------------------------------------------------------------------------
+  // Webhooks
+
+  /** accept_new_request(payload with room_id, latest_service.id = prior). */
+  acceptNewRequest(room: string, prior: number | null): WebhookResult {
+    const last = this.lastSession(room);
+    if (last?.state === 'waiting') return { outcome: 'already_queued', sessionId: last.id };
+    if (last?.state === 'reserved' || last?.state === 'assigned') return { outcome: 'already_assigned', sessionId: last.id };
+    if (last?.state === 'resolved' && last.priorServiceId === prior) return { outcome: 'duplicate', sessionId: last.id };
+    if (this.rules.lateNewRequestCopy === 'spec') {
+      const opened = this.sessions.find((s) => s.room === room && s.state === 'resolved' && s.priorServiceId === prior);
+      if (opened) return { outcome: 'duplicate', sessionId: undefined /* not compared */ };
+    }
+    const s: Session = {
+      id: this.sessions.length + 1,
+      room,
+      state: 'waiting',
+      priorServiceId: prior,
+      serviceId: null,
+      agentId: null,
+      attemptId: null,
+      attempts: 0,
+      excluded: [],
+      holdsSlot: false,
+      lastAgentId: null,
+      nextAt: this.now,
+      gaveUp: null,
+    };
+    this.sessions.push(s);
+    return { outcome: 'queued', sessionId: s.id };
+  }
+
+  /** accept_close_request(payload with service.room_id, service.id = service). */
+  acceptCloseRequest(room: string, service: number | null): WebhookResult {
+    const last = this.lastSession(room);
+    if (!last) return { outcome: 'unknown_room', sessionId: null };
+    if (!OPEN.has(last.state)) return { outcome: 'already_resolved', sessionId: last.id };
+    if (
+      this.rules.repeatedResolution === 'spec' &&
+      service !== null &&
+      (last.priorServiceId === service ||
+        this.sessions.some((s) => s.room === room && s.state === 'resolved' && s.serviceId === service))
+    ) {
+      return { outcome: 'already_resolved', sessionId: undefined /* not compared */ };
+    }
+    if (last.state === 'reserved' || last.state === 'assigned' || last.holdsSlot) this.releaseSlot(last.agentId);
+    if (last.state === 'reserved') this.attempts[last.attemptId! - 1]!.outcome = 'resolved';
+    last.state = 'resolved';
+    last.attemptId = null;
+    last.holdsSlot = false;
+    last.serviceId = service ?? last.serviceId;
+    return { outcome: 'resolved', sessionId: last.id };
+  }
+
+  // ---------------------------------------------------------------------------------------------------------------
+  // Reservation
+
+  /**
+   * reserve(): a held room back to its own agent first; else the best eligible agent (preference order) that has
+   * a room: the oldest due waiting room not holding a slot, not refused by that agent, and not to be retried with
+   * another agent that is eligible. `pickHeld` chooses among tied held rooms (see heldCandidates).
+   */
+  reserve(pickHeld: (tied: Session[]) => Session = (t) => t[0]!): Reservation | null {
+    if (!this.sessions.some((s) => s.state === 'waiting' && this.due(s))) return null;
+
+    const tied = this.heldCandidates();
+    if (tied.length > 0) {
+      const s = pickHeld(tied);
+      if (this.online(this.agents.get(s.agentId!))) return this.reserveFor(s, s.agentId!);
+      // its agent went offline or vanished: let the slot go, and the room queues like any other
+      this.releaseSlot(s.agentId);
+      s.holdsSlot = false;
+    }
+
+    for (const candidate of this.preference()) {
+      const s = this.sessions.find(
+        (q) =>
+          q.state === 'waiting' &&
+          !q.holdsSlot &&
+          this.due(q) &&
+          !q.excluded.includes(candidate.id) &&
+          (q.lastAgentId === null || q.lastAgentId === candidate.id || !this.eligible(this.agents.get(q.lastAgentId))),
+      );
+      if (!s) continue;
+      candidate.load += 1; // take_slot
+      candidate.lastAssignedAt = this.now;
+      return this.reserveFor(s, candidate.id);
+    }
+    return null;
+  }
+
+  private reserveFor(s: Session, agentId: number): Reservation {
+    const attempt: Attempt = { id: this.attempts.length + 1, sessionId: s.id, agentId, number: s.attempts + 1, outcome: null };
+    this.attempts.push(attempt);
+    s.state = 'reserved';
+    s.agentId = agentId;
+    s.attemptId = attempt.id;
+    s.attempts += 1;
+    s.holdsSlot = false;
+    return { attemptId: attempt.id, sessionId: s.id, room: s.room, agentId, attempt: s.attempts };
+  }
+
+  /** The session of a reservation, if the reservation is still current (lock_reservation). */
+  private current(attemptId: number): Session | undefined {
+    const a = this.attempts[attemptId - 1];
+    const s = a && this.sessions[a.sessionId - 1];
+    return s && s.state === 'reserved' && s.attemptId === attemptId ? s : undefined;
+  }
+
+  // ---------------------------------------------------------------------------------------------------------------
+  // Outcomes of a reservation
+
+  confirm(attemptId: number, service: number | null): boolean {
+    const s = this.current(attemptId);
+    const a = this.attempts[attemptId - 1];
+    if (!s) {
+      if (a && a.outcome === null) a.outcome = 'stale';
+      return false;
+    }
+    a!.outcome = 'assigned';
+    s.state = 'assigned';
+    s.attemptId = null;
+    s.serviceId = service ?? s.serviceId;
+    return true;
+  }
+
+  /** fail_transient: backoff (never over within a run). `maybeAssigned`: the slot stays held for the retry. */
+  failTransient(attemptId: number, maybeAssigned: boolean): Outcome | null {
+    const s = this.current(attemptId);
+    return s ? this.requeue(s, attemptId, 'transient', Infinity, null, true, maybeAssigned) : null;
+  }
+
+  /** fail_for_agent: that agent never gets the room again; due at once. */
+  failForAgent(attemptId: number): Outcome | null {
+    const s = this.current(attemptId);
+    return s ? this.requeue(s, attemptId, 'refused', this.now, s.agentId, true, false) : null;
+  }
+
+  /** release: not counted as an attempt; due at once, or after a delay longer than any run. */
+  release(attemptId: number, delayed: boolean, maybeAssigned: boolean): Outcome | null {
+    const s = this.current(attemptId);
+    return s ? this.requeue(s, attemptId, 'released', delayed ? Infinity : this.now, null, false, maybeAssigned) : null;
+  }
+
+  /** Every reservation's lease ends, then rescue_expired(): back to the queue at once, holding the slot. */
+  expireLeases(): number {
+    const reserved = this.sessions.filter((s) => s.state === 'reserved');
+    for (const s of reserved) this.requeue(s, s.attemptId!, 'expired', this.now, null, true, true);
+    return reserved.length;
+  }
+
+  /** Enough time passes for every pending backoff to end. */
+  timePasses(): void {
+    for (const s of this.sessions) if (s.state === 'waiting' && s.nextAt > this.now) s.nextAt = this.now;
+  }
+
+  /** requeue(): back to the queue at the same place, or failed when out of attempts or refused by every agent. */
+  private requeue(
+    s: Session,
+    attemptId: number,
+    how: string,
+    notBefore: number,
+    exclude: number | null,
+    countAttempt: boolean,
+    hold: boolean,
+  ): Outcome {
+    this.attempts[attemptId - 1]!.outcome = how;
+    const excluded = exclude === null ? s.excluded : [...s.excluded.filter((x) => x !== exclude), exclude];
+    const tries = s.attempts - (countAttempt ? 0 : 1);
+    const nobodyLeft = ![...this.agents.values()].some(
+      (a) => a.type === 'agent' && a.present && !excluded.includes(a.id),
+    );
+    const refusedByAll = nobodyLeft && (this.rules.giveUpWithoutRefusal === 'sql' || excluded.length > 0);
+    const giveUp = tries >= this.maxAttempts || refusedByAll;
+    s.gaveUp = tries >= this.maxAttempts ? 'attempts' : refusedByAll ? 'refused' : null;
+    if (giveUp || !hold) this.releaseSlot(s.agentId);
+    s.state = giveUp ? 'failed' : 'waiting';
+    s.holdsSlot = !giveUp && hold;
+    s.attempts = tries;
+    s.excluded = excluded;
+    s.lastAgentId = exclude === null ? s.agentId : null;
+    s.nextAt = notBefore;
+    s.attemptId = null;
+    return s.state === 'failed' ? 'failed' : 'waiting';
+  }
+
+  // ---------------------------------------------------------------------------------------------------------------
+  // Roster and settings
+
+  /** Our rooms Qiscus surely counts (sync_agents with started_at = now(): every assigned room of the agent). */
+  ours(agentId: number): number {
+    return this.sessions.filter((s) => s.agentId === agentId && s.state === 'assigned').length;
+  }
+
+  /**
+   * sync_agents(roster, now(), complete): upsert every listed agent (present again), with
+   * external_load = max(current_customer_count - ours, 0), lowered only when two syncs agree; with `complete`,
+   * unlisted agents vanish.
+   * Returns how many rows were inserted or changed.
+   */
+  syncAgents(roster: RosterEntry[], complete: boolean): number {
+    let changed = 0;
+    for (const e of roster) {
+      const ext = Math.max(e.count - this.ours(e.id), 0);
+      const a = this.agents.get(e.id);
+      if (!a) {
+        this.agents.set(e.id, {
+          id: e.id, type: e.type, isAvailable: e.isAvailable, forceOffline: e.forceOffline, present: true,
+          paused: false, maxLoad: null, load: 0, externalLoad: ext, externalSeen: ext, qiscusLoad: e.count,
+          lastAssignedAt: null,
+        });
+        changed += 1;
+        continue;
+      }
+      // up at once, down only as far as the previous sync agrees (one pull can undercount; see sync_agents)
+      const external = Math.max(ext, Math.min(a.externalLoad, a.externalSeen));
+      const same =
+        a.type === e.type && a.isAvailable === e.isAvailable && a.forceOffline === e.forceOffline && a.present &&
+        a.qiscusLoad === e.count && a.externalLoad === external && a.externalSeen === ext;
+      if (!same) changed += 1;
+      Object.assign(a, { type: e.type, isAvailable: e.isAvailable, forceOffline: e.forceOffline, present: true,
+        qiscusLoad: e.count, externalLoad: external, externalSeen: ext });
+    }
+    if (complete) {
+      const listed = new Set(roster.map((e) => e.id));
+      for (const a of this.agents.values()) if (!listed.has(a.id)) a.present = false;
+    }
+    return changed;
+  }
+
+  setAgentMaxLoad(agentId: number, maxLoad: number | null): void {
+    const a = this.agents.get(agentId);
+    if (a) a.maxLoad = maxLoad;
+  }
+
+  setPaused(agentId: number, paused: boolean): void {
+    const a = this.agents.get(agentId);
+    if (a) a.paused = paused;
+  }
+}
