@@ -1,5 +1,5 @@
 --! Previous: -
---! Hash: sha1:0da6a2f32fddd752697df4d59f1e965a94e6bbbe
+--! Hash: sha1:b9255968b304a9ad5a1b0b5bea78274795395b99
 --! Message: allocation core
 
 --------------------------------------------------------------------------------------------------------------------
@@ -189,6 +189,7 @@ create table allocator.sessions (
   attempts         integer not null default 0,       -- reservations made so far
   excluded_agents  bigint[] not null default '{}',   -- agents Qiscus refused for this room: never tried again
   holds_slot       boolean not null default false, -- waiting, but still counted on agent_id: see requeue()
+  uncertain        boolean not null default false, -- a call for agent_id may have reached Qiscus: see requeue()
   last_agent_id    bigint,                   -- agent of the last failed try: preferred for the retry
   last_error       text,
   next_attempt_at  timestamptz not null default now(),   -- backoff: not reserved before this
@@ -216,8 +217,8 @@ create index sessions_room on allocator.sessions (room_id, id);
 create index sessions_queue on allocator.sessions (priority desc, queued_at, id) where state = 'waiting';
 -- "Is anything due at all?" in one probe.
 create index sessions_due on allocator.sessions (next_attempt_at) where state = 'waiting';
--- Rescue of expired leases.
-create index sessions_leases on allocator.sessions (lease_expires_at) where state = 'reserved';
+-- Rescue of expired leases (reserved rooms, and rooms resolved while their call was in flight).
+create index sessions_leases on allocator.sessions (lease_expires_at) where lease_expires_at is not null;
 -- Rooms holding a slot after an ambiguous failure: retried first, with their agent.
 create index sessions_held on allocator.sessions (next_attempt_at) where state = 'waiting' and holds_slot;
 -- Open rooms per agent (load checks, roster sync).
@@ -424,16 +425,16 @@ begin
     -- (opened after that service was resolved), so it must stay open.
     v_outcome := 'already_resolved';
   elsif last.state in ('waiting', 'reserved', 'assigned') then
-    if last.state in ('reserved', 'assigned') or last.holds_slot then
+    -- A reserved room keeps its slot (and its attempt and lease) until the call in flight reports back:
+    -- settle_resolved_in_flight() then frees it, or counts the room on the agent if the call landed.
+    if last.state = 'assigned' or last.holds_slot then
       perform allocator.release_slot(last.agent_id);
     end if;
-    if last.state = 'reserved' then
-      update allocator.attempts set finished_at = now(), outcome = 'resolved', error = 'resolved while reserved'
-      where id = last.attempt_id;
-    end if;
     update allocator.sessions
-    set state = 'resolved', resolved_at = now(), updated_at = now(), attempt_id = null, lease_expires_at = null,
-        holds_slot = false, service_id = coalesce(service, sessions.service_id)
+    set state = 'resolved', resolved_at = now(), updated_at = now(), holds_slot = false, uncertain = false,
+        attempt_id = case when last.state = 'reserved' then last.attempt_id end,
+        lease_expires_at = case when last.state = 'reserved' then last.lease_expires_at end,
+        service_id = coalesce(service, sessions.service_id)
     where id = last.id;
     v_outcome := 'resolved';
   else
@@ -505,7 +506,7 @@ begin
 
   update allocator.sessions q
   set state = 'reserved', agent_id = agent, attempt_id = reserve_for.attempt_id, attempts = q.attempts + 1,
-      holds_slot = false, reserved_at = now(), updated_at = now(),
+      holds_slot = false, uncertain = s.holds_slot, reserved_at = now(), updated_at = now(),
       lease_expires_at = now() + make_interval(secs => allocator.setting_num('lease_seconds', 60))
   where q.id = s.id
   returning q.id, q.room_id, q.attempts, q.lease_expires_at
@@ -554,7 +555,7 @@ begin
       return;
     end if;
     perform allocator.release_slot(s.agent_id);
-    update allocator.sessions q set holds_slot = false, updated_at = now() where q.id = s.id;
+    update allocator.sessions q set holds_slot = false, uncertain = false, updated_at = now() where q.id = s.id;
   end if;
 
   -- An explicit cursor fetches one agent at a time (a FOR-IN loop would read ten ahead).
@@ -618,6 +619,35 @@ as $$
   for no key update;
 $$;
 
+-- A room resolved while its assign call was in flight keeps the agent's slot until the call reports back (see
+-- accept_close_request): the call may yet put the agent in the room. Then: if the call may have landed, the room
+-- is counted as one Qiscus shows the agent holding (external_load, which the next syncs recompute); otherwise the
+-- slot is freed. Returns false when `attempt` is not such a reservation.
+create function allocator.settle_resolved_in_flight(attempt bigint, maybe_landed boolean)
+returns boolean
+language plpgsql
+as $$
+declare
+  s allocator.sessions;
+begin
+  select * into s from allocator.sessions q
+  where q.attempt_id = attempt and q.state = 'resolved'
+  for no key update;
+  if s.id is null then
+    return false;
+  end if;
+  if maybe_landed then
+    update allocator.agents set load = load - 1, external_load = external_load + 1 where id = s.agent_id;
+  else
+    perform allocator.release_slot(s.agent_id);
+  end if;
+  update allocator.attempts set finished_at = now(), outcome = 'resolved', error = 'resolved while the call was in flight'
+  where id = attempt;
+  update allocator.sessions set attempt_id = null, lease_expires_at = null, updated_at = now() where id = s.id;
+  return true;
+end;
+$$;
+
 -- Qiscus accepted the assignment. Returns false if the reservation is no longer current (the lease was rescued
 -- or the room was resolved meanwhile).
 create function allocator.confirm(attempt bigint, service bigint default null)
@@ -628,6 +658,8 @@ declare
   s allocator.sessions := allocator.lock_reservation(attempt);
 begin
   if s.id is null then
+    -- Qiscus did put the agent in the room: if the room was resolved meanwhile, it is open on that agent now.
+    perform allocator.settle_resolved_in_flight(attempt, true);
     update allocator.attempts set outcome = 'stale', finished_at = now()
     where id = attempt and outcome is null;
     return false;
@@ -635,7 +667,7 @@ begin
   update allocator.attempts set finished_at = now(), outcome = 'assigned' where id = attempt;
   update allocator.sessions
   set state = 'assigned', assigned_at = now(), updated_at = now(), lease_expires_at = null, attempt_id = null,
-      service_id = coalesce(service, service_id), last_error = null
+      uncertain = false, service_id = coalesce(service, service_id), last_error = null
   where id = s.id;
   return true;
 end;
@@ -657,7 +689,9 @@ $$;
 -- kept), or to failed when it has used up its attempts or every agent refused it.
 -- `hold`: Qiscus may have made the assignment anyway (timeout, 5xx, lease expired mid-call). The agent's slot is
 -- then kept for the room and the retry goes to the same agent, so the agent is never given a room in a slot that
--- may really be taken, and the room never gets a second agent. Otherwise the slot is freed.
+-- may really be taken, and the room never gets a second agent. Otherwise the slot is freed. Once uncertain, a room
+-- stays held through later failures (a 429 on the retry says nothing about the first call) until it is confirmed,
+-- resolved, refused by that agent, or that agent goes offline.
 create function allocator.requeue(s allocator.sessions, attempt bigint, how text, reason text, not_before timestamptz,
                                   exclude bigint default null, count_attempt boolean default true,
                                   hold boolean default false)
@@ -668,6 +702,7 @@ declare
   excluded bigint[] := case when exclude is null then s.excluded_agents
                             else array_append(array_remove(s.excluded_agents, exclude), exclude) end;
   tries    integer  := s.attempts - case when count_attempt then 0 else 1 end;
+  keep     boolean  := (hold or s.uncertain) and exclude is null;
   give_up  text;
 begin
   update allocator.attempts set finished_at = now(), outcome = how, error = reason where id = attempt;
@@ -680,14 +715,15 @@ begin
     give_up := format('refused by every agent; last error: %s', reason);
   end if;
 
-  if give_up is not null or not hold then
+  if give_up is not null or not keep then
     perform allocator.release_slot(s.agent_id);
   end if;
 
   update allocator.sessions
   set state = case when give_up is null then 'waiting' else 'failed' end::allocator.session_state,
       failed_at = case when give_up is null then null else now() end,
-      holds_slot = give_up is null and hold,
+      holds_slot = give_up is null and keep,
+      uncertain = give_up is null and keep,
       last_error = coalesce(give_up, reason),
       attempts = tries,
       excluded_agents = excluded,
@@ -713,7 +749,10 @@ as $$
 declare
   s allocator.sessions := allocator.lock_reservation(attempt);
 begin
-  if s.id is null then return null; end if;
+  if s.id is null then
+    perform allocator.settle_resolved_in_flight(attempt, maybe_assigned);
+    return null;
+  end if;
   return allocator.requeue(s, attempt, 'transient', reason,
     now() + greatest(allocator.backoff(s.attempts), make_interval(secs => coalesce(retry_after_seconds, 0))),
     hold => maybe_assigned);
@@ -729,7 +768,10 @@ as $$
 declare
   s allocator.sessions := allocator.lock_reservation(attempt);
 begin
-  if s.id is null then return null; end if;
+  if s.id is null then
+    perform allocator.settle_resolved_in_flight(attempt, false);
+    return null;
+  end if;
   return allocator.requeue(s, attempt, 'refused', reason, now(), exclude => s.agent_id);
 end;
 $$;
@@ -745,7 +787,10 @@ as $$
 declare
   s allocator.sessions := allocator.lock_reservation(attempt);
 begin
-  if s.id is null then return null; end if;
+  if s.id is null then
+    perform allocator.settle_resolved_in_flight(attempt, maybe_assigned);
+    return null;
+  end if;
   return allocator.requeue(s, attempt, 'released', reason, now() + make_interval(secs => delay_seconds),
                            count_attempt => false, hold => maybe_assigned);
 end;
@@ -773,6 +818,15 @@ begin
                               hold => true);
     rescued := rescued + 1;
   end loop;
+  -- rooms resolved while a call was in flight, whose listener then died: the call may have landed
+  for s in
+    select * from allocator.sessions q
+    where q.state = 'resolved' and q.attempt_id is not null and q.lease_expires_at < now()
+    for update skip locked
+  loop
+    perform allocator.settle_resolved_in_flight(s.attempt_id, true);
+    rescued := rescued + 1;
+  end loop;
   return rescued;
 end;
 $$;
@@ -785,7 +839,8 @@ language sql stable
 as $$
   select least(
     (select min(next_attempt_at) from allocator.sessions where state = 'waiting' and next_attempt_at > now()),
-    (select min(lease_expires_at) from allocator.sessions where state = 'reserved'));
+    (select min(lease_expires_at) from allocator.sessions where state in ('reserved', 'resolved')
+                                                               and lease_expires_at is not null));
 $$;
 
 --------------------------------------------------------------------------------------------------------------------
@@ -906,7 +961,9 @@ as $$
          format('agent %s: load %s, open sessions %s', a.id, a.load, coalesce(c.n, 0))
   from allocator.agents a
   left join (select s.agent_id, count(*) as n from allocator.sessions s
-             where s.state in ('reserved', 'assigned') or s.holds_slot group by s.agent_id) c on c.agent_id = a.id
+             where s.state in ('reserved', 'assigned') or s.holds_slot
+                or (s.state = 'resolved' and s.attempt_id is not null)
+             group by s.agent_id) c on c.agent_id = a.id
   where a.load <> coalesce(c.n, 0)
   union all
   select 'room with more than one open session', format('room %s: %s open', s.room_id, count(*))

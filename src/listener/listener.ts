@@ -89,36 +89,45 @@ export async function startListener(o: ListenerOptions): Promise<Listener> {
     }
   };
 
-  const subscriber: Subscriber = createSubscriber(
-    { connectionString: o.databaseUrl },
-    {
-      // pg-listen gives up after 3 s by default; a PostgreSQL restart or failover can take minutes. Never give up,
-      // back off to one attempt every 2 s.
-      retryLimit: Infinity,
-      retryTimeout: Infinity,
-      retryInterval: (attempt) => Math.min(100 * 2 ** attempt, 2000),
-      paranoidChecking: 5000,
-      parse: (s) => s, // payloads are plain words ("room", "agent"), not JSON
-    },
-  );
-  subscriber.notifications.on('allocator', () => loop.kick());
-  subscriber.events.on('connected', () => {
-    log.info('listening for allocator notifications');
-    void sweep(); // catch up on whatever happened while we were away
-  });
-  subscriber.events.on('reconnect', (attempt) => {
-    if (attempt === 1 || attempt % 10 === 0) log.warn({ attempt }, 'reconnecting to PostgreSQL for LISTEN');
-  });
-  subscriber.events.on('error', (e) => log.error({ err: errText(e) }, 'notification connection error'));
+  const newSubscriber = (): Subscriber => {
+    const sub = createSubscriber(
+      { connectionString: o.databaseUrl },
+      {
+        // pg-listen gives up after 3 s by default; a PostgreSQL restart or failover can take minutes. Never give
+        // up, back off to one attempt every 2 s.
+        retryLimit: Infinity,
+        retryTimeout: Infinity,
+        retryInterval: (attempt) => Math.min(100 * 2 ** attempt, 2000),
+        paranoidChecking: 5000,
+        parse: (s) => s, // payloads are plain words ("room", "agent"), not JSON
+      },
+    );
+    sub.notifications.on('allocator', () => loop.kick());
+    sub.events.on('connected', () => {
+      log.info('listening for allocator notifications');
+      void sweep(); // catch up on whatever happened while we were away
+    });
+    sub.events.on('reconnect', (attempt) => {
+      if (attempt === 1 || attempt % 10 === 0) log.warn({ attempt }, 'reconnecting to PostgreSQL for LISTEN');
+    });
+    sub.events.on('error', (e) => log.error({ err: errText(e) }, 'notification connection error'));
+    return sub;
+  };
 
-  // The first connection may fail (database still starting): keep trying in the background.
+  // The first connection may fail (database still starting). A pg-listen subscriber whose first connect() failed
+  // cannot be connected again (its pg client is single-use), so each try gets a fresh one. Once connected,
+  // pg-listen itself reconnects for as long as it takes.
+  let subscriber: Subscriber | undefined;
   const connectFirst = async () => {
     for (let wait = 250; !stopped; wait = Math.min(wait * 2, 2000)) {
+      const sub = newSubscriber();
       try {
-        await subscriber.connect();
-        await subscriber.listenTo('allocator');
+        await sub.connect();
+        await sub.listenTo('allocator');
+        subscriber = sub;
         return;
       } catch (e) {
+        await sub.close().catch(() => {});
         log.warn({ err: errText(e) }, `cannot LISTEN yet; retrying in ${wait} ms`);
         await new Promise((r) => setTimeout(r, wait));
       }
@@ -138,7 +147,7 @@ export async function startListener(o: ListenerOptions): Promise<Listener> {
       stopped = true;
       for (const t of timers) clearInterval(t);
       if (dueTimer) clearTimeout(dueTimer);
-      await subscriber.close().catch(() => {});
+      await subscriber?.close().catch(() => {});
       await loop.stop();
     },
     async abandon() {

@@ -43,6 +43,7 @@ export interface Session {
   attempts: number;
   excluded: number[]; // agents that refused the room, in refusal order
   holdsSlot: boolean;
+  uncertain: boolean; // a call for agentId may have reached Qiscus: held through later failures
   lastAgentId: number | null; // agent of the last failed (non-refused) try: preferred for the retry
   nextAt: number; // logical time from which it may be reserved; Infinity while backing off
   gaveUp: 'attempts' | 'refused' | null; // why it failed: out of attempts, or refused by every agent
@@ -216,6 +217,7 @@ export class Model {
       attempts: 0,
       excluded: [],
       holdsSlot: false,
+      uncertain: false,
       lastAgentId: null,
       nextAt: this.now,
       gaveUp: null,
@@ -237,11 +239,12 @@ export class Model {
     ) {
       return { outcome: 'already_resolved', sessionId: undefined /* not compared */ };
     }
-    if (last.state === 'reserved' || last.state === 'assigned' || last.holdsSlot) this.releaseSlot(last.agentId);
-    if (last.state === 'reserved') this.attempts[last.attemptId! - 1]!.outcome = 'resolved';
+    // a reserved room keeps its slot and attempt until the call in flight reports back (settleResolvedInFlight)
+    if (last.state === 'assigned' || last.holdsSlot) this.releaseSlot(last.agentId);
+    if (last.state !== 'reserved') last.attemptId = null;
     last.state = 'resolved';
-    last.attemptId = null;
     last.holdsSlot = false;
+    last.uncertain = false;
     last.serviceId = service ?? last.serviceId;
     return { outcome: 'resolved', sessionId: last.id };
   }
@@ -264,6 +267,7 @@ export class Model {
       // its agent went offline or vanished: let the slot go, and the room queues like any other
       this.releaseSlot(s.agentId);
       s.holdsSlot = false;
+      s.uncertain = false;
     }
 
     for (const candidate of this.preference()) {
@@ -290,6 +294,7 @@ export class Model {
     s.agentId = agentId;
     s.attemptId = attempt.id;
     s.attempts += 1;
+    s.uncertain = s.holdsSlot;
     s.holdsSlot = false;
     return { attemptId: attempt.id, sessionId: s.id, room: s.room, agentId, attempt: s.attempts };
   }
@@ -308,12 +313,14 @@ export class Model {
     const s = this.current(attemptId);
     const a = this.attempts[attemptId - 1];
     if (!s) {
+      this.settleResolvedInFlight(attemptId, true);
       if (a && a.outcome === null) a.outcome = 'stale';
       return false;
     }
     a!.outcome = 'assigned';
     s.state = 'assigned';
     s.attemptId = null;
+    s.uncertain = false;
     s.serviceId = service ?? s.serviceId;
     return true;
   }
@@ -321,26 +328,50 @@ export class Model {
   /** fail_transient: backoff (never over within a run). `maybeAssigned`: the slot stays held for the retry. */
   failTransient(attemptId: number, maybeAssigned: boolean): Outcome | null {
     const s = this.current(attemptId);
-    return s ? this.requeue(s, attemptId, 'transient', Infinity, null, true, maybeAssigned) : null;
+    if (!s) return this.settleResolvedInFlight(attemptId, maybeAssigned), null;
+    return this.requeue(s, attemptId, 'transient', Infinity, null, true, maybeAssigned);
   }
 
   /** fail_for_agent: that agent never gets the room again; due at once. */
   failForAgent(attemptId: number): Outcome | null {
     const s = this.current(attemptId);
-    return s ? this.requeue(s, attemptId, 'refused', this.now, s.agentId, true, false) : null;
+    if (!s) return this.settleResolvedInFlight(attemptId, false), null;
+    return this.requeue(s, attemptId, 'refused', this.now, s.agentId, true, false);
   }
 
   /** release: not counted as an attempt; due at once, or after a delay longer than any run. */
   release(attemptId: number, delayed: boolean, maybeAssigned: boolean): Outcome | null {
     const s = this.current(attemptId);
-    return s ? this.requeue(s, attemptId, 'released', delayed ? Infinity : this.now, null, false, maybeAssigned) : null;
+    if (!s) return this.settleResolvedInFlight(attemptId, maybeAssigned), null;
+    return this.requeue(s, attemptId, 'released', delayed ? Infinity : this.now, null, false, maybeAssigned);
   }
 
   /** Every reservation's lease ends, then rescue_expired(): back to the queue at once, holding the slot. */
   expireLeases(): number {
     const reserved = this.sessions.filter((s) => s.state === 'reserved');
     for (const s of reserved) this.requeue(s, s.attemptId!, 'expired', this.now, null, true, true);
-    return reserved.length;
+    const inFlight = this.sessions.filter((s) => s.state === 'resolved' && s.attemptId !== null);
+    for (const s of inFlight) this.settleResolvedInFlight(s.attemptId!, true);
+    return reserved.length + inFlight.length;
+  }
+
+  /**
+   * A room resolved while its call was in flight: when the call reports back (or its lease ends), its slot moves
+   * to the agent's by-hand count if the call may have landed, or is freed.
+   */
+  private settleResolvedInFlight(attemptId: number, maybeLanded: boolean): boolean {
+    const s = this.sessions.find((q) => q.state === 'resolved' && q.attemptId === attemptId);
+    if (!s) return false;
+    const agent = this.agents.get(s.agentId!)!;
+    if (maybeLanded) {
+      agent.load -= 1;
+      agent.externalLoad += 1;
+    } else {
+      this.releaseSlot(s.agentId);
+    }
+    this.attempts[attemptId - 1]!.outcome = 'resolved';
+    s.attemptId = null;
+    return true;
   }
 
   /** Enough time passes for every pending backoff to end. */
@@ -367,9 +398,11 @@ export class Model {
     const refusedByAll = nobodyLeft && (this.rules.giveUpWithoutRefusal === 'sql' || excluded.length > 0);
     const giveUp = tries >= this.maxAttempts || refusedByAll;
     s.gaveUp = tries >= this.maxAttempts ? 'attempts' : refusedByAll ? 'refused' : null;
-    if (giveUp || !hold) this.releaseSlot(s.agentId);
+    const keep = (hold || s.uncertain) && exclude === null; // once uncertain, held until confirmed or refused
+    if (giveUp || !keep) this.releaseSlot(s.agentId);
     s.state = giveUp ? 'failed' : 'waiting';
-    s.holdsSlot = !giveUp && hold;
+    s.holdsSlot = !giveUp && keep;
+    s.uncertain = !giveUp && keep;
     s.attempts = tries;
     s.excluded = excluded;
     s.lastAgentId = exclude === null ? s.agentId : null;

@@ -149,11 +149,15 @@ describe('resolution webhook', () => {
     const r = (await reserve(db.pool))!; // takes 'waiting' (first in line)
     expect(r.room_id).toBe('waiting');
     expect((await resolve(db.pool, 'waiting')).outcome).toBe('resolved');
+    // the agent's slot stays taken while the assign call is in flight: it may still put the agent in the room
+    expect((await loads(db.pool))['1']).toBe(1);
     expect((await resolve(db.pool, 'reserved')).outcome).toBe('resolved');
-    expect(await confirm(db.pool, r.attempt_id)).toBe(false); // the in-flight assignment is stale now
+    expect(await confirm(db.pool, r.attempt_id)).toBe(false); // the in-flight assignment is stale now...
+    // ...but Qiscus did put the agent in the resolved room: counted as a room Qiscus shows it holding
+    const a = await db.pool.query(`select load, external_load from allocator.agents where id = 1`);
+    expect(a.rows[0]).toEqual({ load: 0, external_load: 1 });
     expect((await resolve(db.pool, 'waiting')).outcome).toBe('already_resolved');
     expect((await resolve(db.pool, 'never-seen')).outcome).toBe('unknown_room');
-    expect((await loads(db.pool))['1']).toBe(0);
     const w = await db.pool.query(`select count(*)::int as n from allocator.webhooks where kind = 'close_request'`);
     expect(w.rows[0].n).toBe(4);
   });
@@ -426,6 +430,27 @@ describe('outcomes of a reservation', () => {
     await db.pool.query(`update allocator.agents set present = false`);
     expect((await db.pool.query(`select allocator.release($1, 'shutting down') as s`, [r.attempt_id])).rows[0].s)
       .toBe('waiting');
+  });
+
+  it('a room resolved during a call that then fails gets its slot back; one whose listener died is counted', async () => {
+    await addAgents(db.pool, [1, 2]);
+    await setting(db.pool, 'lease_seconds', '0.2');
+    await queue(db.pool, 'a');
+    await queue(db.pool, 'b');
+    const ra = (await reserve(db.pool))!;
+    const rb = (await reserve(db.pool))!;
+    await resolve(db.pool, 'a');
+    await resolve(db.pool, 'b');
+    await db.pool.query(`select allocator.fail_for_agent($1, 'no')`, [ra.attempt_id]); // refused: never landed
+    expect(await loads(db.pool)).toEqual({ 1: 0, 2: 1 });
+    await sleep(250); // b's listener never reports: its lease ends
+    expect((await db.pool.query(`select * from allocator.sweep()`)).rows[0].rescued).toBe(1);
+    const a = await db.pool.query(`select id, load, external_load from allocator.agents order by id`);
+    expect(a.rows).toEqual([
+      { id: '1', load: 0, external_load: 0 },
+      { id: '2', load: 0, external_load: 1 },
+    ]);
+    void rb;
   });
 
   it('release hands a reservation back without using up an attempt', async () => {
