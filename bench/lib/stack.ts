@@ -1,0 +1,93 @@
+/**
+ * Web and listener processes against one database, with the Qiscus simulator (in this process, answering at
+ * once) as Qiscus. Logging is at warn so that it stays out of the measurement.
+ */
+import { freePort } from '../../src/db/embedded.ts';
+import { startSimulator, type SimAgentInit, type Simulator } from '../../src/simulator/qiscus-simulator.ts';
+import path from 'node:path';
+import { root, spawnService, waitForHttp, waitForListeners, type Service } from './procs.ts';
+
+export const APP_ID = 'bench-app';
+export const SECRET_KEY = 'bench-secret-key';
+
+/** An allocation webhook as Qiscus sends it for a new customer (test/fixtures/caa-new-customer.json). */
+export function newRequestBody(roomId: string): string {
+  return JSON.stringify({
+    app_id: APP_ID,
+    avatar_url: 'https://omnichannel.qiscus.com/img/ic_qiscus_client.png',
+    candidate_agent: null,
+    email: `cust${roomId}@example.com`,
+    extras:
+      '{"additional_extras":{"timezone_offset":7},"notes":null,"timezone_offset":null,"user_properties":[],"user_properties_migrated":true}',
+    is_new_session: true,
+    is_resolved: false,
+    latest_service: null,
+    name: `cust${roomId}`,
+    room_id: roomId,
+    source: 'qiscus',
+  });
+}
+
+export function simAgents(n: number, firstId = 1): SimAgentInit[] {
+  return Array.from({ length: n }, (_, i) => ({ id: firstId + i, name: `Agent ${firstId + i}` }));
+}
+
+/** The same agents in SQL, set-based (names and emails as the simulator lists them, so a sync changes nothing). */
+export const INSERT_AGENTS_SQL = `
+  insert into allocator.agents (id, name, email, type, is_available, force_offline, present, qiscus_load, synced_at)
+  select g, 'Agent ' || g, 'agent' || g || '@example.com', 'agent', true, false, true, 0, now()
+  from generate_series($1::bigint, $2::bigint) g
+  on conflict (id) do nothing`;
+
+export async function startSim(agents: number): Promise<Simulator> {
+  return startSimulator({ appId: APP_ID, secretKey: SECRET_KEY, agents: simAgents(agents) });
+}
+
+export interface StackEnv {
+  databaseUrl: string;
+  sim: Simulator;
+  /** Extra environment for every process. */
+  env?: Record<string, string>;
+  /** Extra node arguments (e.g. --cpu-prof). */
+  nodeArgs?: string[];
+}
+
+function baseEnv(o: StackEnv): Record<string, string> {
+  return {
+    DATABASE_URL: o.databaseUrl,
+    QISCUS_BASE_URL: o.sim.url,
+    QISCUS_APP_ID: APP_ID,
+    QISCUS_SECRET_KEY: SECRET_KEY,
+    LOG_LEVEL: process.env.BENCH_LOG_LEVEL ?? 'warn',
+    METRICS_PORT: '0',
+    // One sync at start only: the roster does not change during a benchmark.
+    AGENT_SYNC_SECONDS: '3600',
+    ...o.env,
+  };
+}
+
+export async function startWeb(o: StackEnv): Promise<{ web: Service; url: string }> {
+  const port = await freePort();
+  const web = spawnService('web', 'src/http/main.ts', { ...baseEnv(o), PORT: String(port) }, o.nodeArgs);
+  const url = `http://127.0.0.1:${port}`;
+  await waitForHttp(`${url}/healthz`, web);
+  return { web, url };
+}
+
+/** Starts `n` listeners at once and waits until each has synced the roster and is listening. */
+export async function startListeners(o: StackEnv, n: number): Promise<Service[]> {
+  const procs = Array.from({ length: n }, (_, i) =>
+    spawnService(`listener-${i + 1}`, 'src/listener/main.ts', baseEnv(o), o.nodeArgs),
+  );
+  await waitForListeners(o.databaseUrl, n, procs);
+  return procs;
+}
+
+export async function startBareHono(nodeArgs: string[] = []): Promise<{ proc: Service; url: string }> {
+  const port = await freePort();
+  const script = path.join(root, 'bench', 'lib', 'bare-hono.ts');
+  const proc = spawnService('bare-hono', script, { PORT: String(port) }, nodeArgs);
+  const url = `http://127.0.0.1:${port}`;
+  await waitForHttp(`${url}/healthz`, proc);
+  return { proc, url };
+}
