@@ -1,16 +1,11 @@
 /** Thin wrappers over the allocator's SQL functions, for tests that call the SQL core directly. */
 import type pg from 'pg';
+import type { Reservation } from '../../src/listener/allocator-loop.ts';
 import { newRequest, resolvedRequest, type Json } from './fixtures.ts';
 
-type Q = Pick<pg.Pool, 'query'> | pg.ClientBase;
+export type { Reservation };
 
-export interface Reservation {
-  attempt_id: string;
-  session_id: string;
-  room_id: string;
-  agent_id: string;
-  attempt: number;
-}
+type Q = Pick<pg.Pool, 'query'> | pg.ClientBase;
 
 export async function addAgents(db: Q, ids: number[], extra: Record<string, unknown> = {}): Promise<void> {
   const cols = Object.keys(extra);
