@@ -1,5 +1,5 @@
 --! Previous: -
---! Hash: sha1:b9255968b304a9ad5a1b0b5bea78274795395b99
+--! Hash: sha1:ac9047e56299fc77f1f7972c4a8cef9a6eb2cfa8
 --! Message: allocation core
 
 --------------------------------------------------------------------------------------------------------------------
@@ -637,7 +637,11 @@ begin
     return false;
   end if;
   if maybe_landed then
-    update allocator.agents set load = load - 1, external_load = external_load + 1 where id = s.agent_id;
+    -- external_seen rises too, so that only two later pulls that both miss the room can lower the count again
+    -- (the call may land at Qiscus after the next pull has started).
+    update allocator.agents
+    set load = load - 1, external_load = external_load + 1, external_seen = external_seen + 1
+    where id = s.agent_id;
   else
     perform allocator.release_slot(s.agent_id);
   end if;

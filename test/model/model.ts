@@ -366,6 +366,7 @@ export class Model {
     if (maybeLanded) {
       agent.load -= 1;
       agent.externalLoad += 1;
+      agent.externalSeen += 1; // only two later syncs that both miss the room lower the count again
     } else {
       this.releaseSlot(s.agentId);
     }
