@@ -1,5 +1,5 @@
 --! Previous: -
---! Hash: sha1:ac9047e56299fc77f1f7972c4a8cef9a6eb2cfa8
+--! Hash: sha1:d653da38a9f392c7012ba97f44efa8340f719014
 --! Message: allocation core
 
 --------------------------------------------------------------------------------------------------------------------
@@ -87,6 +87,7 @@ create table allocator.agents (
   load             integer not null default 0 check (load >= 0),          -- rooms we reserved or assigned, open
   external_load    integer not null default 0 check (external_load >= 0), -- rooms Qiscus shows that we did not assign
   external_seen    integer not null default 0,            -- external count computed by the last sync (see sync_agents)
+  external_hold_until timestamptz,                        -- external_load may not fall before a pull started after this
   qiscus_load      integer,                               -- Qiscus current_customer_count at the last sync
   last_assigned_at timestamptz,                           -- tie-break: longest idle agent first
   synced_at        timestamptz,
@@ -637,10 +638,11 @@ begin
     return false;
   end if;
   if maybe_landed then
-    -- external_seen rises too, so that only two later pulls that both miss the room can lower the count again
-    -- (the call may land at Qiscus after the next pull has started).
+    -- The call may still land at Qiscus after the next pulls have started (up to its timeout, which is shorter than
+    -- the lease): no pull that started before two leases from now may lower the count.
     update allocator.agents
-    set load = load - 1, external_load = external_load + 1, external_seen = external_seen + 1
+    set load = load - 1, external_load = external_load + 1, external_seen = external_seen + 1,
+        external_hold_until = now() + 2 * make_interval(secs => allocator.setting_num('lease_seconds', 60))
     where id = s.agent_id;
   else
     perform allocator.release_slot(s.agent_id);
@@ -897,7 +899,8 @@ begin
   on conflict (id) do update
   set name = excluded.name, email = excluded.email, type = excluded.type, is_available = excluded.is_available,
       force_offline = excluded.force_offline, present = true, qiscus_load = excluded.qiscus_load,
-      external_load = greatest(excluded.external_seen, least(a.external_load, a.external_seen)),
+      external_load = greatest(excluded.external_seen, least(a.external_load, a.external_seen),
+                               case when a.external_hold_until > started_at then a.external_load else 0 end),
       external_seen = excluded.external_seen,
       synced_at = excluded.synced_at
   -- skip rewriting unchanged rows: no dead tuples and no wake-ups every sync
@@ -905,7 +908,9 @@ begin
          a.external_seen)
         is distinct from
         (excluded.name, excluded.email, excluded.type, excluded.is_available, excluded.force_offline, true,
-         excluded.qiscus_load, greatest(excluded.external_seen, least(a.external_load, a.external_seen)),
+         excluded.qiscus_load,
+         greatest(excluded.external_seen, least(a.external_load, a.external_seen),
+                  case when a.external_hold_until > started_at then a.external_load else 0 end),
          excluded.external_seen);
   get diagnostics n = row_count;
 

@@ -1,5 +1,5 @@
---! Previous: sha1:ac9047e56299fc77f1f7972c4a8cef9a6eb2cfa8
---! Hash: sha1:d4e8d395dea6849af95129bc59f11927491854e6
+--! Previous: sha1:d653da38a9f392c7012ba97f44efa8340f719014
+--! Hash: sha1:bc0d1075638c4eccc790c2bec7a892fedab68279
 --! Message: rules and stats
 
 --------------------------------------------------------------------------------------------------------------------

@@ -272,7 +272,9 @@ type Kind = 'new_request' | 'close_request';
 
 export async function runChaos(opts: ChaosOptions = {}): Promise<ChaosReport> {
   const chaosMs = Math.round((opts.seconds ?? (opts.minutes ?? 1) * 60) * 1000);
-  const drainMs = (opts.drainSeconds ?? 60) * 1000;
+  // A long run ends with a longer backlog (customers keep arriving faster than 20 agents serve them), so the time
+  // allowed to drain it grows with the run.
+  const drainMs = (opts.drainSeconds ?? Math.max(60, chaosMs / 1000 / 4)) * 1000;
   const seed = (opts.seed ?? Math.floor(Math.random() * 2 ** 32)) >>> 0;
   const nAgents = opts.agents ?? 20;
   const capacity = opts.capacity ?? 2;

@@ -28,6 +28,7 @@ export interface Agent {
   load: number; // our rooms: reserved + assigned + waiting rooms holding a slot
   externalLoad: number; // rooms assigned by hand (from the last syncs: up at once, down when two agree)
   externalSeen: number; // the by-hand count the last sync computed
+  externalHeld: boolean; // a mid-call resolution was counted: no sync lowers the count for two leases (a run)
   qiscusLoad: number | null;
   lastAssignedAt: number | null; // logical time of the last slot taken
 }
@@ -366,7 +367,8 @@ export class Model {
     if (maybeLanded) {
       agent.load -= 1;
       agent.externalLoad += 1;
-      agent.externalSeen += 1; // only two later syncs that both miss the room lower the count again
+      agent.externalSeen += 1;
+      agent.externalHeld = true; // the call may land after later syncs started: none lowers the count (two leases)
     } else {
       this.releaseSlot(s.agentId);
     }
@@ -434,14 +436,15 @@ export class Model {
       if (!a) {
         this.agents.set(e.id, {
           id: e.id, type: e.type, isAvailable: e.isAvailable, forceOffline: e.forceOffline, present: true,
-          paused: false, maxLoad: null, load: 0, externalLoad: ext, externalSeen: ext, qiscusLoad: e.count,
+          paused: false, maxLoad: null, load: 0, externalLoad: ext, externalSeen: ext, externalHeld: false,
+          qiscusLoad: e.count,
           lastAssignedAt: null,
         });
         changed += 1;
         continue;
       }
       // up at once, down only as far as the previous sync agrees (one pull can undercount; see sync_agents)
-      const external = Math.max(ext, Math.min(a.externalLoad, a.externalSeen));
+      const external = Math.max(ext, Math.min(a.externalLoad, a.externalSeen), a.externalHeld ? a.externalLoad : 0);
       const same =
         a.type === e.type && a.isAvailable === e.isAvailable && a.forceOffline === e.forceOffline && a.present &&
         a.qiscusLoad === e.count && a.externalLoad === external && a.externalSeen === ext;
