@@ -9,10 +9,10 @@ import { loadConfigOrExit } from './config/index.ts';
 import { startEmbeddedPostgres, type EmbeddedServer } from './db/embedded.ts';
 import { runMigrations } from './db/migrate.ts';
 import { createPool } from './db/pool.ts';
-import { startHttpServer } from './http/server.ts';
+import { startWebFromConfig } from './http/server.ts';
 import { startListenerFromConfig } from './listener/listener.ts';
 import { createLogger } from './log.ts';
-import { createListenerMetrics, createMetricsRegistry, createWebMetrics, registerQueueMetrics } from './metrics/index.ts';
+import { createListenerMetrics, createMetricsRegistry } from './metrics/index.ts';
 import { onShutdown } from './shutdown.ts';
 
 const config = loadConfigOrExit('start');
@@ -45,15 +45,7 @@ const pool = createPool(databaseUrl, logger, { max: config.LISTENER_CONCURRENCY 
 // One registry for the web and listener metrics (and the queue gauges once), served at the app's GET /metrics:
 // one process, one scrape target, no METRICS_PORT.
 const metrics = createMetricsRegistry();
-registerQueueMetrics(metrics, pool, { logger });
-const web = await startHttpServer({
-  pool,
-  logger,
-  port: config.PORT,
-  webhookSecret: config.WEBHOOK_SECRET,
-  metrics,
-  observe: createWebMetrics(metrics),
-});
+const web = await startWebFromConfig(config, { pool, logger, metrics });
 const listener = await startListenerFromConfig(config, {
   pool,
   databaseUrl,

@@ -7,8 +7,8 @@
 import { loadConfigOrExit } from '../config/index.ts';
 import { createLogger } from '../log.ts';
 import { createPool } from '../db/pool.ts';
-import { createMetricsRegistry, createWebMetrics, registerQueueMetrics } from '../metrics/index.ts';
-import { startHttpServer } from './server.ts';
+import { createMetricsRegistry } from '../metrics/index.ts';
+import { startWebFromConfig } from './server.ts';
 
 const config = loadConfigOrExit('web');
 const logger = createLogger(config.LOG_LEVEL, 'web');
@@ -18,17 +18,7 @@ process.on('unhandledRejection', (err) => logger.error({ err }, 'unhandled promi
 
 const pool = createPool(config.DATABASE_URL!, logger, { applicationName: 'allocator-web' });
 // GET /metrics on the same port: webhook metrics, the queue read from the database, process metrics.
-const metrics = createMetricsRegistry();
-registerQueueMetrics(metrics, pool, { logger });
-const observe = createWebMetrics(metrics);
-const web = await startHttpServer({
-  pool,
-  logger,
-  port: config.PORT,
-  webhookSecret: config.WEBHOOK_SECRET,
-  metrics,
-  observe,
-}).catch((err: unknown) => {
+const web = await startWebFromConfig(config, { pool, logger, metrics: createMetricsRegistry() }).catch((err: unknown) => {
   logger.fatal({ err }, `cannot listen on port ${config.PORT}`);
   process.exit(1);
 });

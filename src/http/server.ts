@@ -8,7 +8,10 @@
  */
 import type { AddressInfo } from 'node:net';
 import { serve } from '@hono/node-server';
+import type pg from 'pg';
+import type { Config } from '../config/index.ts';
 import type { Logger } from '../log.ts';
+import { createWebMetrics, registerQueueMetrics, type Registry } from '../metrics/index.ts';
 import { createApp, type AppOptions } from './app.ts';
 
 export interface HttpServerOptions extends AppOptions {
@@ -76,4 +79,23 @@ export async function startHttpServer(opts: HttpServerOptions): Promise<HttpServ
     })());
 
   return { port, url: `http://localhost:${port}`, stop };
+}
+
+/**
+ * The webhook app as configured by the environment (used by `npm run web` and `npm start`), with its metrics on
+ * `metrics`: webhook latency, the queue gauges read from the database at scrape time, and GET /metrics itself.
+ */
+export function startWebFromConfig(
+  config: Config,
+  deps: { pool: pg.Pool; logger: Logger; metrics: Registry },
+): Promise<HttpServer> {
+  registerQueueMetrics(deps.metrics, deps.pool, { logger: deps.logger });
+  return startHttpServer({
+    pool: deps.pool,
+    logger: deps.logger,
+    port: config.PORT,
+    webhookSecret: config.WEBHOOK_SECRET,
+    metrics: deps.metrics,
+    observe: createWebMetrics(deps.metrics),
+  });
 }
