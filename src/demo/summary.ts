@@ -8,16 +8,11 @@ import type { Simulator } from '../simulator/qiscus-simulator.ts';
 import type { TrafficCounts } from './traffic.ts';
 import { duration } from './view.ts';
 
-export interface DemoSummary {
+export interface DemoSummary
+  extends Pick<TrafficCounts, 'arrived' | 'returning' | 'repeats' | 'webhooksSent' | 'webhooksAccepted' | 'webhooksRejected'> {
   seconds: number;
   seed: number;
   agents: number;
-  arrived: number;
-  returning: number;
-  repeats: number;
-  webhooksSent: number;
-  webhooksAccepted: number;
-  webhooksRejected: Record<string, number>;
   assigned: number;
   resolved: number;
   stillWaiting: number;
