@@ -11,8 +11,9 @@ import { runMigrations } from './db/migrate.ts';
 import { createPool } from './db/pool.ts';
 import { startWebFromConfig } from './http/server.ts';
 import { startListenerFromConfig } from './listener/listener.ts';
+import { createListenerMetrics } from './listener/metrics.ts';
 import { createLogger } from './log.ts';
-import { createListenerMetrics, createMetricsRegistry } from './metrics/index.ts';
+import { createMetricsRegistry } from './metrics/index.ts';
 import { onShutdown } from './shutdown.ts';
 
 const config = loadConfigOrExit('start');

@@ -11,8 +11,9 @@ import { serve } from '@hono/node-server';
 import type pg from 'pg';
 import type { Config } from '../config/index.ts';
 import type { Logger } from '../log.ts';
-import { createWebMetrics, registerQueueMetrics, type Registry } from '../metrics/index.ts';
+import { registerQueueMetrics, type Registry } from '../metrics/index.ts';
 import { createApp, type AppOptions } from './app.ts';
+import { createWebMetrics } from './metrics.ts';
 
 export interface HttpServerOptions extends AppOptions {
   port: number;

@@ -7,7 +7,7 @@ import pgListen, { type Subscriber } from 'pg-listen';
 import type pg from 'pg';
 import type { Logger } from '../log.ts';
 import type { Config } from '../config/index.ts';
-import type { ListenerMetrics } from '../metrics/listener.ts';
+import type { ListenerMetrics } from './metrics.ts';
 import { createQiscusClient, type QiscusClient } from '../qiscus/client.ts';
 import { AllocatorLoop, errText, type LoopEvents } from './allocator-loop.ts';
 import { syncRoster, type SyncResult } from './roster-sync.ts';

@@ -5,15 +5,10 @@
 import { loadConfigOrExit } from '../config/index.ts';
 import { createPool } from '../db/pool.ts';
 import { createLogger } from '../log.ts';
-import {
-  createListenerMetrics,
-  createMetricsRegistry,
-  registerQueueMetrics,
-  startMetricsServer,
-  type MetricsServer,
-} from '../metrics/index.ts';
+import { createMetricsRegistry, registerQueueMetrics, startMetricsServer, type MetricsServer } from '../metrics/index.ts';
 import { onShutdown } from '../shutdown.ts';
 import { startListenerFromConfig } from './listener.ts';
+import { createListenerMetrics } from './metrics.ts';
 
 const config = loadConfigOrExit('listener');
 const logger = createLogger(config.LOG_LEVEL, 'listener');

@@ -9,7 +9,7 @@ export type { Registry };
 /** Every metric of ours starts with this; the default process metrics keep their usual names. */
 export const PREFIX = 'allocator_';
 
-/** Latency buckets (seconds) shared by the histograms here: 1 ms to 10 s, where webhooks and Qiscus calls live. */
+/** Latency buckets (seconds) shared by every layer's histograms: 1 ms to 10 s, where webhooks and Qiscus calls live. */
 export const LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10];
 
 /** A fresh registry with Node's default process metrics (CPU, memory, event loop lag, GC, handles). */

@@ -7,14 +7,10 @@ import type pg from 'pg';
 import { pino } from 'pino';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { freePort } from '../../src/db/embedded.ts';
-import {
-  createListenerMetrics,
-  createMetricsRegistry,
-  createQiscusMetrics,
-  registerQueueMetrics,
-  startMetricsServer,
-} from '../../src/metrics/index.ts';
+import { createListenerMetrics } from '../../src/listener/metrics.ts';
+import { createMetricsRegistry, registerQueueMetrics, startMetricsServer } from '../../src/metrics/index.ts';
 import { createQiscusClient } from '../../src/qiscus/client.ts';
+import { createQiscusMetrics } from '../../src/qiscus/metrics.ts';
 import { startSimulator, type Simulator } from '../../src/simulator/qiscus-simulator.ts';
 import { createTestDatabase, type TestDatabase } from '../support/db.ts';
 import { parsePrometheus, scrape } from './prom-text.ts';

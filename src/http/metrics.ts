@@ -3,8 +3,8 @@
  * webhook latency by route and status, and webhooks by what they did.
  */
 import { Counter, Histogram, type Registry } from 'prom-client';
-import { ROUTES, type Observer, type RequestObservation } from '../http/request-context.ts';
-import { LATENCY_BUCKETS, PREFIX } from './registry.ts';
+import { LATENCY_BUCKETS, PREFIX } from '../metrics/registry.ts';
+import { ROUTES, type Observer, type RequestObservation } from './request-context.ts';
 
 const WEBHOOK_ROUTES: ReadonlySet<string> = new Set([ROUTES.newRequest, ROUTES.closeRequest]);
 

@@ -5,8 +5,8 @@
  * not read, and `2xx` for a success.
  */
 import { Counter, Histogram, type Registry } from 'prom-client';
-import { isQiscusError, type QiscusClient } from '../qiscus/client.ts';
-import { LATENCY_BUCKETS, PREFIX } from './registry.ts';
+import { LATENCY_BUCKETS, PREFIX } from '../metrics/registry.ts';
+import { isQiscusError, type QiscusClient } from './client.ts';
 
 export type QiscusOperation = 'assign_agent' | 'list_agents';
 

@@ -1,13 +1,14 @@
 /**
  * The listener's metrics: assignment outcomes and durations, the lag from a wake-up to the reservation it led to,
- * Qiscus calls (see qiscus.ts), the roster sync, and the assignments in flight. Fed by the listener's hooks.
+ * Qiscus calls (see ../qiscus/metrics.ts), the roster sync, and the assignments in flight. Fed by the listener's
+ * hooks.
  */
 import { Counter, Gauge, Histogram, type Registry } from 'prom-client';
-import type { Outcome, Reservation } from '../listener/allocator-loop.ts';
-import type { SyncResult } from '../listener/roster-sync.ts';
+import { LATENCY_BUCKETS, PREFIX } from '../metrics/registry.ts';
 import type { QiscusClient } from '../qiscus/client.ts';
-import { createQiscusMetrics } from './qiscus.ts';
-import { LATENCY_BUCKETS, PREFIX } from './registry.ts';
+import { createQiscusMetrics } from '../qiscus/metrics.ts';
+import type { Outcome, Reservation } from './allocator-loop.ts';
+import type { SyncResult } from './roster-sync.ts';
 
 const OUTCOMES: readonly Outcome[] = ['assigned', 'transient', 'refused', 'config', 'stale'];
 
