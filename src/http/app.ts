@@ -14,10 +14,10 @@ import { HTTPException } from 'hono/http-exception';
 import type { ContentfulStatusCode } from 'hono/utils/http-status';
 import type pg from 'pg';
 import type { Registry } from 'prom-client';
+import { classifyDbError, describeDbError } from '../db/errors.ts';
 import { migrationsApplied } from '../db/migrate.ts';
 import type { Logger } from '../log.ts';
 import { problem, type AppContext, type AppEnv } from './context.ts';
-import { classifyDbError, describeDbError, RETRY_AFTER_SECONDS } from './db-errors.ts';
 import { jsonBody, MAX_BODY_BYTES } from './json-body.ts';
 import { requestContext, ROUTES, type Observer } from './request-context.ts';
 import { parseCloseRequest, parseNewRequest, type Parsed, type Webhook } from './schemas.ts';
@@ -49,6 +49,11 @@ const ACCEPT = {
   close_request: 'select outcome, session_id, webhook_id from allocator.accept_close_request($1::jsonb, $2::text)',
 } as const;
 
+/**
+ * A webhook the database could not take (away, overloaded, restarting) changed nothing, or changed it idempotently:
+ * Qiscus may resend it, after this many seconds.
+ */
+const RETRY_AFTER_SECONDS = 5;
 const unavailableHeaders = { 'Retry-After': String(RETRY_AFTER_SECONDS) };
 
 export function createApp(opts: AppOptions): Hono<AppEnv> {

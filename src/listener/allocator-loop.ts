@@ -6,6 +6,7 @@
  * cheap, and one drain runs at a time per process, keeping up to `concurrency` Qiscus calls in flight.
  */
 import type pg from 'pg';
+import { isConnectionError } from '../db/errors.ts';
 import type { Logger } from '../log.ts';
 import { isQiscusError, type AssignResult } from '../qiscus/client.ts';
 
@@ -203,18 +204,4 @@ export function maybeAssigned(e: unknown): boolean {
 export function errText(e: unknown): string {
   if (e instanceof Error) return e.message || e.name;
   return String(e);
-}
-
-/** Errors that mean "the database is not there right now" rather than "this statement is wrong". */
-export function isConnectionError(e: unknown): boolean {
-  const err = e as { code?: string; message?: string };
-  const code = err?.code ?? '';
-  return (
-    code.startsWith('08') ||
-    code === '57P01' || code === '57P02' || code === '57P03' || code === '53300' ||
-    ['ECONNREFUSED', 'ECONNRESET', 'EPIPE', 'ETIMEDOUT', 'ENOTFOUND', 'EHOSTUNREACH'].includes(code) ||
-    /Connection terminated|connection timeout|Client has encountered a connection error|not queryable/i.test(
-      err?.message ?? '',
-    )
-  );
 }

@@ -1,18 +1,17 @@
 /**
- * Sorting the errors a database call can end with into what the client should be told. The rule: a webhook that
- * could not be stored because the database is away, overloaded or restarting gets 503 + Retry-After (it changed
- * nothing, or changed it idempotently: a resend is safe). Anything else is our bug, never the client's input.
+ * The one vocabulary for what a failed database call means, shared by the web app (which answers 503, 422 or 500),
+ * the listener (which retries a report while the database is away) and anything else that talks to PostgreSQL.
+ * The rule: a call that failed because the database is away, overloaded, restarting or in a retryable conflict
+ * changed nothing (or changed it idempotently), so the same call again is safe. Anything else is our bug, except
+ * data PostgreSQL refused, which is a gap in our validation.
  */
 
-/** A database call failed for a reason that should pass: the client may retry after `RETRY_AFTER_SECONDS`. */
-export const RETRY_AFTER_SECONDS = 5;
-
 export type DbErrorKind =
-  /** Connection refused/reset/timed out, server shutting down, too many connections, ...: answer 503. */
+  /** Connection refused/reset/timed out, server shutting down, too many connections, deadlock, ...: try again. */
   | 'unavailable'
-  /** PostgreSQL refused the data itself (SQLSTATE class 22): a gap in our validation; answer 422, log loudly. */
+  /** PostgreSQL refused the data itself (SQLSTATE class 22): a gap in our validation. */
   | 'rejected'
-  /** Anything else: a bug (500). */
+  /** Anything else: a bug. */
   | 'bug';
 
 /** Node socket error codes that mean "could not talk to the server". */
@@ -38,6 +37,11 @@ export function classifyDbError(err: unknown): DbErrorKind {
   // without SQLSTATE; the pool is the only thing we call, so anything not from the server is the connection.
   if (err instanceof Error && !isServerError(err)) return 'unavailable';
   return 'bug';
+}
+
+/** The database is not there right now (or asked us to try again), rather than "this statement is wrong". */
+export function isConnectionError(err: unknown): boolean {
+  return classifyDbError(err) === 'unavailable';
 }
 
 /** pg's DatabaseError (a message from the server) carries `severity`; client-side errors do not. */

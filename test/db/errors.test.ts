@@ -1,7 +1,10 @@
-/** Which database failures are the database being away (503), the data refused (422), or a bug (500). */
+/**
+ * Which database failures are the database being away (the web app answers 503, the listener retries its report),
+ * the data refused (422), or a bug (500; the listener gives the report up to the lease).
+ */
 import pg from 'pg';
 import { describe, expect, it } from 'vitest';
-import { classifyDbError } from '../../src/http/db-errors.ts';
+import { classifyDbError, isConnectionError } from '../../src/db/errors.ts';
 
 function serverError(code: string): Error {
   const e = new pg.DatabaseError(`sqlstate ${code}`, 0, 'error');
@@ -18,6 +21,9 @@ describe('classifyDbError', () => {
     ['AggregateError of ECONNREFUSED', Object.assign(new AggregateError([sys('ECONNREFUSED')], 'x'), {}), 'unavailable'],
     ['pool timeout', new Error('timeout exceeded when trying to connect'), 'unavailable'],
     ['connection terminated', new Error('Connection terminated unexpectedly'), 'unavailable'],
+    ['client not queryable', new Error('Client has encountered a connection error and is not queryable'), 'unavailable'],
+    ['EPIPE', sys('EPIPE'), 'unavailable'],
+    ['57P02 crash shutdown', serverError('57P02'), 'unavailable'],
     ['08006 connection failure', serverError('08006'), 'unavailable'],
     ['53300 too many connections', serverError('53300'), 'unavailable'],
     ['57P01 admin shutdown', serverError('57P01'), 'unavailable'],
@@ -31,5 +37,6 @@ describe('classifyDbError', () => {
     ['a thrown string', 'boom', 'bug'],
   ])('%s → %s', (_name, err, kind) => {
     expect(classifyDbError(err)).toBe(kind);
+    expect(isConnectionError(err)).toBe(kind === 'unavailable');
   });
 });
