@@ -1,8 +1,9 @@
 import type { Logger } from './log.ts';
 
 /**
- * SIGINT/SIGTERM: run `graceful` (stop taking work, let what is in flight finish) and exit. A second signal while
- * waiting runs `hurry` (hand work back) and exits at once; a third exits without more ado.
+ * SIGINT/SIGTERM, the same for every entry point: run `graceful` (stop taking work, let what is in flight finish)
+ * and exit. A second signal while waiting runs `hurry` (hand work back) and exits at once, or without `hurry` just
+ * exits; a third exits without more ado.
  */
 export function onShutdown(logger: Logger, steps: { graceful: () => Promise<void>; hurry?: () => Promise<void> }) {
   let signals = 0;
@@ -13,7 +14,8 @@ export function onShutdown(logger: Logger, steps: { graceful: () => Promise<void
     if (signals === 0) first = Date.now();
     signals++;
     if (signals === 1) {
-      logger.info({ signal }, 'shutting down: finishing work in flight (signal again to hurry)');
+      const again = steps.hurry ? 'signal again to hurry' : 'signal again to exit now';
+      logger.info({ signal }, `shutting down: finishing work in flight (${again})`);
       steps.graceful().then(
         () => process.exit(0),
         (e) => {

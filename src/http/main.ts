@@ -1,13 +1,14 @@
 /**
  * `npm run web`: the webhook app alone, against DATABASE_URL, on PORT. Any number may run against one database.
  *
- * SIGINT/SIGTERM: stop accepting, finish in-flight webhooks (see server.ts), close the pool, exit 0. A second
- * signal exits at once.
+ * SIGINT/SIGTERM (src/shutdown.ts, like every entry point): stop accepting, finish in-flight webhooks (see
+ * server.ts), close the pool, exit 0. A second signal exits at once: a webhook cut off is resent by Qiscus.
  */
 import { loadConfigOrExit } from '../config/index.ts';
 import { createLogger } from '../log.ts';
 import { createPool } from '../db/pool.ts';
 import { createMetricsRegistry } from '../metrics/index.ts';
+import { onShutdown } from '../shutdown.ts';
 import { startWebFromConfig } from './server.ts';
 
 const config = loadConfigOrExit('web');
@@ -24,18 +25,10 @@ const web = await startWebFromConfig(config, { pool, logger, metrics: createMetr
 });
 logger.info({ port: web.port, secret: config.WEBHOOK_SECRET ? 'required' : 'not set' }, `web listening on ${web.url}`);
 
-let stopping = false;
-async function shutdown(signal: string): Promise<void> {
-  if (stopping) {
-    logger.warn({ signal }, 'second signal: exiting now');
-    process.exit(1);
-  }
-  stopping = true;
-  logger.info({ signal }, 'shutting down: finishing in-flight requests');
-  await web.stop();
-  await pool.end().catch((err: unknown) => logger.warn({ err }, 'closing the pool failed'));
-  logger.info('stopped');
-  process.exit(0);
-}
-process.on('SIGINT', () => void shutdown('SIGINT'));
-process.on('SIGTERM', () => void shutdown('SIGTERM'));
+onShutdown(logger, {
+  graceful: async () => {
+    await web.stop();
+    await pool.end().catch((err: unknown) => logger.warn({ err }, 'closing the pool failed'));
+    logger.info('stopped');
+  },
+});
