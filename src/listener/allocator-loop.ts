@@ -22,7 +22,8 @@ export interface Reservation {
   attempt: number;
 }
 
-export type Outcome = 'assigned' | 'transient' | 'refused' | 'config' | 'stale';
+/** How a reservation ended, named as SQL records it in allocator.attempts.outcome. */
+export type Outcome = 'assigned' | 'transient' | 'refused' | 'released' | 'stale';
 
 export interface LoopEvents {
   /** One line per finished reservation (metrics and logs hang off this). */
@@ -130,7 +131,7 @@ export class AllocatorLoop {
         await this.report(`select allocator.fail_for_agent($1, $2) as v`, [r.attempt_id, error]);
       } else if (isQiscusError(e) && e.kind === 'config') {
         // Not the room's fault: hand it back without using up an attempt, and shout.
-        outcome = 'config';
+        outcome = 'released';
         this.o.logger.error(
           { status: e.status, err: error },
           'Qiscus rejected our credentials: check QISCUS_APP_ID and QISCUS_SECRET_KEY',

@@ -10,7 +10,7 @@ import { createQiscusMetrics } from '../qiscus/metrics.ts';
 import type { Outcome, Reservation } from './allocator-loop.ts';
 import type { SyncResult } from './roster-sync.ts';
 
-const OUTCOMES: readonly Outcome[] = ['assigned', 'transient', 'refused', 'config', 'stale'];
+const OUTCOMES: readonly Outcome[] = ['assigned', 'transient', 'refused', 'released', 'stale'];
 
 export interface ListenerMetrics {
   /** The listener hooks that feed the metrics (startListener's onOutcome, onReserved, onSync, onSyncError). */
@@ -28,7 +28,7 @@ export function createListenerMetrics(registry: Registry): ListenerMetrics {
   const registers = [registry];
   const assignments = new Counter({
     name: `${PREFIX}assignments_total`,
-    help: 'Finished reservations by outcome: assigned, transient (retried later), refused (Qiscus refused this agent), config (bad credentials; handed back), stale (the room was resolved meanwhile)',
+    help: 'Finished reservations by outcome: assigned, transient (retried later), refused (Qiscus refused this agent), released (handed back unspent: Qiscus rejected our credentials), stale (the room was resolved meanwhile)',
     labelNames: ['outcome'] as const,
     registers,
   });

@@ -94,6 +94,7 @@ describe('listener and web processes', () => {
     expect(m.value('allocator_assignments_total', { outcome: 'assigned' })).toBe(by.assigned);
     expect(m.value('allocator_assignments_total', { outcome: 'transient' })).toBe(by.transient);
     expect(m.value('allocator_assignments_total', { outcome: 'refused' })).toBe(by.refused ?? 0);
+    expect(m.value('allocator_assignments_total', { outcome: 'released' })).toBe(by.released ?? 0);
     expect(m.value('allocator_assignment_duration_seconds_count', { outcome: 'assigned' })).toBe(by.assigned);
     expect(m.value('allocator_assignments_in_flight')).toBe(0);
 
