@@ -1,8 +1,9 @@
 /**
  * Developer tool: `npm run db:commit -- --message "what changed"` commits db/current.sql as the next migration
  * with graphile-migrate, against a throwaway embedded PostgreSQL (graphile-migrate needs a shadow database to
- * prove the migration applies cleanly). Any other graphile-migrate command works too: `npm run db:commit -- status`
- * is not useful, but `npm run db:gm -- uncommit` is (see package.json).
+ * prove the migration applies cleanly). A first argument that is not an option names another graphile-migrate
+ * command instead of `commit`; but each run starts from empty databases, so commands that read the dev database's
+ * history (status, uncommit) fail or say nothing useful here.
  */
 import { execFileSync } from 'node:child_process';
 import { rm } from 'node:fs/promises';

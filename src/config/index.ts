@@ -27,7 +27,7 @@ const shape = {
   WEBHOOK_SECRET: optionalText,
   AGENT_SYNC_SECONDS: positive(30),
   LOG_LEVEL: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),
-  // Not in the SPEC's table; documented in the README.
+  // From here on, settings of ours beyond the product's required environment above; the README documents all.
   METRICS_PORT: port(9464),
   LISTENER_CONCURRENCY: positive(8),
   SWEEP_SECONDS: z.coerce.number().min(0).default(5), // 0 turns the periodic sweep off (tests of NOTIFY)

@@ -1,6 +1,6 @@
 /**
- * The HTTP app: Qiscus's two webhooks, health, readiness and metrics. Thin by design (SPEC): it validates, hands the
- * payload to one SQL function, and says what that did. No allocation logic lives here.
+ * The HTTP app: Qiscus's two webhooks, health, readiness and metrics. Thin by design: it validates, hands the
+ * payload to one SQL function, and says what that did. No allocation logic lives here (it is all in SQL).
  *
  * Each webhook is one `select allocator.accept_*(...)` in autocommit: when the query returns, the webhook row and
  * its effect are committed, and only then is the 2xx sent. The SQL is idempotent per room, so a retried or

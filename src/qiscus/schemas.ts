@@ -38,7 +38,7 @@ export const QiscusAgentSchema = z.object({
 });
 export type QiscusAgent = z.output<typeof QiscusAgentSchema>;
 
-/** `GET /api/v2/admin/agents` (fixtures/qiscus/agents-page.json). */
+/** `GET /api/v2/admin/agents` (sample: test/fixtures/agents-page.json). */
 export const AgentsPageSchema = z.object({
   data: z.object({
     agents: z
@@ -53,7 +53,7 @@ export const AgentsPageSchema = z.object({
 });
 export type AgentsPage = z.output<typeof AgentsPageSchema>;
 
-/** `POST /api/v1/admin/service/assign_agent` (fixtures/qiscus/assign-agent-response.json). */
+/** `POST /api/v1/admin/service/assign_agent` (sample: test/fixtures/assign-agent-response.json). */
 export const AssignAgentResponseSchema = z.object({
   data: z.object({
     added_agent: z.object({ id: z.number().int() }).nullish(),

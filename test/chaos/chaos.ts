@@ -13,7 +13,7 @@
  *   - a web or listener process is killed with SIGKILL every 10-20 s and restarted after a moment;
  *   - PostgreSQL is stopped for 1-5 s every 20-30 s.
  * Then it stops injecting, heals everything, drains (agents resolve until nothing waits), and checks — counting,
- * never assuming — what the SPEC's invariants promise. `runChaos` returns the report; `formatReport` prints it.
+ * never assuming — what the service's invariants promise. `runChaos` returns the report; `formatReport` prints it.
  */
 import { rm } from 'node:fs/promises';
 import path from 'node:path';

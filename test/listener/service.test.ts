@@ -1,6 +1,6 @@
 /**
- * The whole service as real processes (web + listeners) with the Qiscus simulator as Qiscus: each invariant of
- * the SPEC, and the failures the listener must survive. Capacity and no-loss are checked on every run.
+ * The whole service as real processes (web + listeners) with the Qiscus simulator as Qiscus: each invariant the
+ * service promises, and the failures the listener must survive. Capacity and no-loss are checked on every run.
  */
 import { afterEach, describe, expect, it } from 'vitest';
 import { createTestDatabase, type TestDatabase } from '../support/db.ts';

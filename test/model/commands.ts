@@ -1,8 +1,8 @@
 /**
  * Commands of the model-based test: plain records (so a shrunk counterexample can be pasted into
  * regressions.test.ts as is), their fast-check arbitraries, and a harness that applies each command to
- * PostgreSQL and to the reference model (model.ts) and then checks that both agree and that the SPEC's
- * invariants hold.
+ * PostgreSQL and to the reference model (model.ts) and then checks that both agree and that the service's
+ * invariants hold (allocator.check_invariants() and the checks in compare()).
  */
 import { isDeepStrictEqual } from 'node:util';
 import fc from 'fast-check';
@@ -389,7 +389,7 @@ export class Harness {
     }
   }
 
-  /** The database agrees with the model, and the SPEC's invariants hold. */
+  /** The database agrees with the model, and the service's invariants hold. */
   async compare(): Promise<void> {
     const m = this.model;
     const results = (await this.db.query(`

@@ -2,11 +2,11 @@
  * Model-based test of the SQL core: random sequences of webhooks (with duplicates), reservations and their
  * outcomes (current and stale), lease expiries, time passing, roster syncs, capacity changes and pauses, run
  * against PostgreSQL and against the reference model (model.ts). After every step the database must agree with
- * the model (who waits, in what order, who holds what) and the SPEC's invariants must hold (commands.ts).
+ * the model (who waits, in what order, who holds what) and the service's invariants must hold (commands.ts).
  *
  *   MODEL_RUNS=2000 MODEL_SEED=42 npx vitest run test/model/model.test.ts   # a longer or a replayed run
  *   MODEL_COMMANDS=100   # longer runs (default up to 60 commands after the initial roster)
- *   MODEL_RULES=spec     # follow the SPEC where the SQL is known to differ (see Rules in model.ts); or a comma
+ *   MODEL_RULES=spec     # follow the product spec where the SQL is known to differ (see Rules in model.ts); or a comma
  *                        # list of Rules keys, e.g. MODEL_RULES=repeatedResolution
  *   MODEL_STATS=1        # print how often each outcome happened;  MODEL_TRACE=1: the model's state after each step
  *
@@ -24,7 +24,7 @@ import { SPEC_RULES, SQL_RULES, type Rules } from './model.ts';
 const RUNS = Number(process.env.MODEL_RUNS ?? 150);
 const SEED = process.env.MODEL_SEED === undefined ? undefined : Number(process.env.MODEL_SEED);
 const MAX_COMMANDS = Number(process.env.MODEL_COMMANDS ?? 60);
-// MODEL_RULES=spec: the SPEC's side of every known disagreement; or a comma list of Rules keys to take from the SPEC
+// MODEL_RULES=spec: the spec's side of every known disagreement; or a comma list of Rules keys to take from the spec
 const RULES: Rules = { ...SQL_RULES };
 for (const k of (process.env.MODEL_RULES ?? '').split(',').filter(Boolean)) {
   if (k === 'spec') Object.assign(RULES, SPEC_RULES);

@@ -10,7 +10,7 @@
  * set retry_base_seconds so high that no backoff ends during a run, and an explicit "time passes" command makes
  * every pending backoff due.
  *
- * `rules` chooses, for each known disagreement between the SQL and the SPEC, which of the two the model follows
+ * `rules` chooses, for each known disagreement between the SQL and the product spec, which of the two the model follows
  * (see Rules below). Everything else is the SQL's behaviour, deliberately.
  */
 
@@ -66,7 +66,7 @@ export interface Reservation {
   attempt: number;
 }
 
-/** What a webhook did; `sessionId` undefined: any (where the SPEC says nothing about which session is named). */
+/** What a webhook did; `sessionId` undefined: any (where the spec says nothing about which session is named). */
 export interface WebhookResult {
   outcome: string;
   sessionId: number | null | undefined;
@@ -81,21 +81,21 @@ export interface RosterEntry {
 }
 
 /**
- * Where the SQL and the SPEC disagree, which one the model follows. 'sql' mirrors the current SQL (so that the
- * property test can guard everything else); 'spec' is what the SPEC asks for (the regression tests of the
+ * Where the SQL and the product spec disagree, which one the model follows. 'sql' mirrors the current SQL (so that
+ * the property test can guard everything else); 'spec' is what the spec asks for (the regression tests of the
  * bugs use it, and fail until the SQL is fixed).
  */
 export interface Rules {
   /**
    * A late copy of an allocation webhook whose session is resolved, when the room had a newer session since.
    * sql: only the room's LAST session is compared (prior_service_id), so the copy opens a new session.
-   * spec (invariant 4): a copy of any webhook that opened a now-resolved session changes nothing.
+   * spec: a copy of any webhook that opened a now-resolved session changes nothing.
    */
   lateNewRequestCopy: 'sql' | 'spec';
   /**
    * A repeated Mark-as-Resolved webhook (same service id) arriving after the customer came back.
    * sql: it closes whatever session is open in the room, i.e. the returning customer's new one.
-   * spec (invariant 4): a resolution naming a service that already resolved a session of the room changes nothing.
+   * spec: a resolution naming a service that already resolved a session of the room changes nothing.
    */
   repeatedResolution: 'sql' | 'spec';
   /**

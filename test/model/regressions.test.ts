@@ -51,7 +51,7 @@ describe('SQL bugs found by the model-based test, fixed', () => {
         { kind: 'resolveOpen', pick: 0, service: null },
         { kind: 'newRequest', room: 2, prior: 7 },
         { kind: 'resolveOpen', pick: 0, service: null },
-        { kind: 'newRequest', room: 2, prior: null }, // SQL: 'queued' (session 3); SPEC: 'duplicate'
+        { kind: 'newRequest', room: 2, prior: null }, // SQL: 'queued' (session 3); spec: 'duplicate'
       ],
       SPEC_RULES,
     );
@@ -71,7 +71,7 @@ describe('SQL bugs found by the model-based test, fixed', () => {
         { kind: 'newRequest', room: 2, prior: 7 },
         { kind: 'resolveOpen', pick: 0, service: 7 },
         { kind: 'newRequest', room: 2, prior: null },
-        { kind: 'resolveOpen', pick: 0, service: 7 }, // SQL: 'resolved' (session 2); SPEC: 'already_resolved'
+        { kind: 'resolveOpen', pick: 0, service: 7 }, // SQL: 'resolved' (session 2); spec: 'already_resolved'
       ],
       SPEC_RULES,
     );
@@ -90,7 +90,7 @@ describe('SQL bugs found by the model-based test, fixed', () => {
         { kind: 'newRequest', room: 1, prior: null },
         { kind: 'reserve' },
         roster(['vanish', 'vanish', 'vanish', 'vanish']),
-        { kind: 'release', pick: 0, delayed: false, maybeAssigned: false }, // SQL: 'failed'; SPEC: 'waiting'
+        { kind: 'release', pick: 0, delayed: false, maybeAssigned: false }, // SQL: 'failed'; spec: 'waiting'
       ],
       SPEC_RULES,
     );

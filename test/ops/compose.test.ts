@@ -1,7 +1,8 @@
 /**
  * docker-compose.yml, the Dockerfile and .dockerignore, checked without a Docker engine: the compose file parsed and
- * interpolated as compose does it, every command an npm script that the test suite runs, the SPEC's environment,
- * healthchecks and start order; the Dockerfile multi-stage, non-root, with a healthcheck and no dev dependencies.
+ * interpolated as compose does it, every command an npm script that the test suite runs, the product's required
+ * environment, healthchecks and start order; the Dockerfile multi-stage, non-root, with a healthcheck and no dev
+ * dependencies.
  * compose-services.test.ts runs the services' commands and healthchecks for real.
  */
 import { existsSync, readdirSync, readFileSync, statSync } from 'node:fs';
@@ -24,7 +25,7 @@ import {
   stageEnv,
 } from './compose-file.ts';
 
-/** The SPEC's environment table. */
+/** The environment the product requires of every deployment (the first rows of the README's Configuration table). */
 const SPEC_ENV = [
   'DATABASE_URL',
   'PORT',
@@ -103,7 +104,7 @@ describe('docker-compose.yml', () => {
     });
   });
 
-  it("gives web and listener every variable of the SPEC's table, and each service the configuration it needs", () => {
+  it("gives web and listener every required variable, and each service the configuration it needs", () => {
     const resolved = resolveCompose(REQUIRED);
     for (const name of ['web', 'listener']) {
       const env = envOf(resolved.services[name]!);

@@ -1,4 +1,4 @@
-/** The Qiscus payload samples from shared/fixtures (copied to test/fixtures), and builders on top of them. */
+/** The Qiscus payload samples in test/fixtures, and builders on top of them. */
 import { readFileSync } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
