@@ -19,7 +19,7 @@ export interface BenchDatabase {
 
 /**
  * BENCH_SQL_PATCH: comma-separated SQL files applied to the template after the migrations, to measure a proposed
- * change (bench/patches/*.sql) before it becomes a migration: run once without, once with, compare.
+ * change before it becomes a migration: run once without, once with, compare.
  */
 export function sqlPatches(): string[] {
   return (process.env.BENCH_SQL_PATCH ?? '')
