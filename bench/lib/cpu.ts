@@ -7,13 +7,8 @@ import os from 'node:os';
 
 const TICKS = 100; // USER_HZ: 100 on every mainstream Linux
 
-/** utime + stime of one process in seconds, or null when it is gone or /proc is not there. */
-export function cpuSeconds(pid: number): number | null {
-  return cpuTimes(pid)?.total ?? null;
-}
-
 /** User and system CPU seconds of one process. */
-export function cpuTimes(pid: number): { user: number; sys: number; total: number } | null {
+function cpuTimes(pid: number): { user: number; sys: number; total: number } | null {
   try {
     const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
     // Fields after the command (which may contain spaces) start after the last ')'.

@@ -28,7 +28,7 @@ interface Profile {
   endTime: number;
 }
 
-export interface Hot {
+interface Hot {
   fn: string;
   where: string;
   selfMs: number;
@@ -36,7 +36,7 @@ export interface Hot {
 }
 
 /** Self time per function (summed over call sites), and per package/file group. */
-export function summarizeProfile(file: string, top = 25): { totalMs: number; functions: Hot[]; byFile: Hot[] } {
+function summarizeProfile(file: string, top = 25): { totalMs: number; functions: Hot[]; byFile: Hot[] } {
   const p = JSON.parse(readFileSync(file, 'utf8')) as Profile;
   const byId = new Map(p.nodes.map((n) => [n.id, n]));
   const self = new Map<number, number>();

@@ -40,7 +40,7 @@ export interface BenchServer {
   stop(): Promise<void>;
 }
 
-export function urlWithDb(base: string, db: string): string {
+function urlWithDb(base: string, db: string): string {
   const u = new URL(base);
   u.pathname = `/${db}`;
   return u.toString();

@@ -15,7 +15,7 @@ export const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '
  * Where the web and listener scripts are run from: this repository, or BENCH_APP_ROOT, a patched copy of it (with
  * node_modules linked), to measure a proposed change to src/ against the same benchmark.
  */
-export const appRoot = process.env.BENCH_APP_ROOT ? path.resolve(process.env.BENCH_APP_ROOT) : root;
+const appRoot = process.env.BENCH_APP_ROOT ? path.resolve(process.env.BENCH_APP_ROOT) : root;
 
 export interface Service {
   name: string;
@@ -89,7 +89,7 @@ export function spawnService(
   };
 }
 
-export function alive(s: Service): boolean {
+function alive(s: Service): boolean {
   return s.child.exitCode === null && s.child.signalCode === null;
 }
 

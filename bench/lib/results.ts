@@ -94,7 +94,7 @@ export function printPart(r: PartResult): void {
   }
 }
 
-export function logger(prefix: string): (msg: string) => void {
+function logger(prefix: string): (msg: string) => void {
   const t0 = performance.now();
   return (msg: string) => {
     const s = ((performance.now() - t0) / 1000).toFixed(1).padStart(6);

@@ -28,7 +28,7 @@ export function newRequestBody(roomId: string): string {
   });
 }
 
-export function simAgents(n: number, firstId = 1): SimAgentInit[] {
+function simAgents(n: number, firstId = 1): SimAgentInit[] {
   return Array.from({ length: n }, (_, i) => ({ id: firstId + i, name: `Agent ${firstId + i}` }));
 }
 

@@ -2,7 +2,7 @@
 
 export type Cell = string | number | null | undefined;
 
-export function fmt(v: Cell): string {
+function fmt(v: Cell): string {
   if (v === null || v === undefined) return '—';
   if (typeof v === 'number') {
     if (!Number.isFinite(v)) return '—';

@@ -87,7 +87,7 @@ const plain: Palette = { bold: String, dim: String, green: String, cyan: String,
 const ANSI_RE = /\x1b\[[0-9;?]*[A-Za-z]/g;
 export const visible = (s: string) => s.replace(ANSI_RE, '');
 
-export function clock(s: number): string {
+function clock(s: number): string {
   const t = Math.max(0, Math.floor(s));
   return `${Math.floor(t / 60)}:${String(t % 60).padStart(2, '0')}`;
 }
@@ -101,7 +101,7 @@ export function duration(s: number | null): string {
 }
 
 const SPARK = ' ▁▂▃▄▅▆▇█';
-export function sparkline(values: number[], width: number): string {
+function sparkline(values: number[], width: number): string {
   const v = values.slice(-width);
   const max = Math.max(1, ...v);
   return v.map((x) => SPARK[Math.round((x / max) * (SPARK.length - 1))]).join('');
@@ -110,7 +110,7 @@ export function sparkline(values: number[], width: number): string {
 const SLOT = 4; // characters per slot of capacity
 
 /** `████▓▓▓▓░░░░`: rooms we assigned, rooms assigned by hand, free slots (and red beyond capacity, never seen). */
-export function loadBar(a: AgentRow, p: Palette = plain): string {
+function loadBar(a: AgentRow, p: Palette = plain): string {
   const ours = Math.max(0, Math.min(a.ourLoad, a.load));
   const shownOurs = Math.min(ours, a.capacity);
   const shownExt = Math.min(a.load - ours, a.capacity - shownOurs);

@@ -15,7 +15,7 @@ export const MAX_BODY_BYTES = 256 * 1024;
 
 const JSON_TYPE = /^application\/(?:json|[a-z0-9!#$&^_.+-]+\+json)$/;
 
-export function isJsonContentType(header: string | undefined): boolean {
+function isJsonContentType(header: string | undefined): boolean {
   if (!header) return false;
   const media = header.split(';', 1)[0]!.trim().toLowerCase();
   return JSON_TYPE.test(media);

@@ -10,9 +10,9 @@
  */
 import { z } from 'zod';
 
-export const MAX_ROOM_ID_LENGTH = 128;
+const MAX_ROOM_ID_LENGTH = 128;
 /** Qiscus payloads nest 3 levels deep; 64 leaves room for any `extras` while keeping recursion shallow. */
-export const MAX_DEPTH = 64;
+const MAX_DEPTH = 64;
 
 /** A rejected payload: which field (dotted path, `$` for the body itself) and what is wrong with it. */
 export interface Rejection {
@@ -62,7 +62,7 @@ const optionalObject = <T extends z.core.$ZodLooseShape>(shape: T) =>
   z.looseObject(shape, { error: (i) => `must be an object or null, not ${describe(i.input)}` }).nullish();
 
 /** Custom Agent Allocation webhook (POST /api/v1/new_request). Unknown fields pass through. */
-export const newRequestSchema = z.looseObject({
+const newRequestSchema = z.looseObject({
   room_id: roomId,
   source: optionalText,
   latest_service: optionalObject({ id: qiscusId }),
@@ -70,7 +70,7 @@ export const newRequestSchema = z.looseObject({
 });
 
 /** Mark-as-Resolved webhook (POST /api/v1/close_request): the room is `service.room_id`. */
-export const closeRequestSchema = z.looseObject({
+const closeRequestSchema = z.looseObject({
   service: z.looseObject(
     { room_id: roomId, id: qiscusId },
     { error: (i) => (i.input === undefined ? 'is required' : `must be an object, not ${describe(i.input)}`) },
@@ -119,7 +119,7 @@ const LONE_SURROGATE = /[\uD800-\uDBFF](?![\uDC00-\uDFFF])|(?<![\uD800-\uDBFF])[
  * surrogate, which `JSON.parse` accepts from `\u` escapes), nested at most MAX_DEPTH deep. Iterative, so no input
  * can overflow the stack here. Returns the first problem, or null.
  */
-export function checkStorable(body: unknown): Rejection | null {
+function checkStorable(body: unknown): Rejection | null {
   if (typeof body !== 'object' || body === null || Array.isArray(body)) {
     return { field: '$', error: `the body must be a JSON object, not ${describe(body)}` };
   }

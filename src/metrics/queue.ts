@@ -13,7 +13,7 @@ import { Gauge, type Registry } from 'prom-client';
 import type { Logger } from '../log.ts';
 import { PREFIX } from './registry.ts';
 
-export interface QueueSnapshot {
+interface QueueSnapshot {
   waiting: number;
   backingOff: number;
   /** Seconds the oldest waiting room has waited; 0 when none waits. */

@@ -8,10 +8,10 @@ import { Counter, Histogram, type Registry } from 'prom-client';
 import { LATENCY_BUCKETS, PREFIX } from '../metrics/registry.ts';
 import { isQiscusError, type QiscusClient } from './client.ts';
 
-export type QiscusOperation = 'assign_agent' | 'list_agents';
+type QiscusOperation = 'assign_agent' | 'list_agents';
 
 /** The status label of a failed call. */
-export function statusLabel(e: unknown): string {
+function statusLabel(e: unknown): string {
   if (!isQiscusError(e)) return 'error';
   if (e.status !== undefined) return e.status >= 200 && e.status < 300 ? 'bad_answer' : String(e.status);
   return e.code ?? 'no_answer';

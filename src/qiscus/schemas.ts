@@ -12,7 +12,7 @@ const boolOr = (fallback: boolean) =>
     .nullish()
     .transform((v) => v ?? fallback);
 
-export const QiscusAgentSchema = z.object({
+const QiscusAgentSchema = z.object({
   id: z.number().int(),
   name: z
     .string()
@@ -51,7 +51,6 @@ export const AgentsPageSchema = z.object({
     per_page: z.number().int().nullish(),
   }),
 });
-export type AgentsPage = z.output<typeof AgentsPageSchema>;
 
 /** `POST /api/v1/admin/service/assign_agent` (sample: test/fixtures/assign-agent-response.json). */
 export const AssignAgentResponseSchema = z.object({
@@ -60,4 +59,3 @@ export const AssignAgentResponseSchema = z.object({
     service: z.object({ id: z.number().int().nullish() }).nullish(),
   }),
 });
-export type AssignAgentResponse = z.output<typeof AssignAgentResponseSchema>;

@@ -13,9 +13,9 @@ import { Model, SQL_RULES, type Reservation, type RosterEntry, type Rules, type 
 // ---------------------------------------------------------------------------------------------------------------
 // The universe: small, so that rooms, agents and service ids collide.
 
-export const AGENTS = [1, 2, 3, 4] as const;
-export const ROOMS = 6;
-export const SERVICES = [7, 8, 9] as const;
+const AGENTS = [1, 2, 3, 4] as const;
+const ROOMS = 6;
+const SERVICES = [7, 8, 9] as const;
 
 export type RosterStatus = 'online' | 'away' | 'forced' | 'supervisor' | 'vanish';
 
@@ -74,14 +74,14 @@ const rosterEntry = (online: number) =>
     byHand: fc.oneof({ arbitrary: fc.constant(0), weight: 4 }, { arbitrary: fc.integer({ min: -1, max: 2 }), weight: 1 }),
   });
 
-export const rosterArb = (online = 3): fc.Arbitrary<Extract<Command, { kind: 'roster' }>> =>
+const rosterArb = (online = 3): fc.Arbitrary<Extract<Command, { kind: 'roster' }>> =>
   rec({
     kind: fc.constant('roster' as const),
     agents: fc.tuple(...AGENTS.map(() => rosterEntry(online))),
     complete: fc.oneof({ arbitrary: fc.constant(true), weight: 4 }, { arbitrary: fc.constant(false), weight: 1 }),
   });
 
-export const commandArb: fc.Arbitrary<Command> = fc.oneof(
+const commandArb: fc.Arbitrary<Command> = fc.oneof(
   { weight: 10, arbitrary: rec({ kind: fc.constant('newRequest' as const), room, prior: fc.option(service, { freq: 2 }) }) },
   { weight: 1, arbitrary: rec({ kind: fc.constant('resolve' as const), room, service: fc.option(service, { freq: 6 }) }) },
   { weight: 3, arbitrary: rec({ kind: fc.constant('resolveOpen' as const), pick, service: fc.option(service, { freq: 6 }) }) },
@@ -120,7 +120,7 @@ export const scenarioArb = (maxCommands: number): fc.Arbitrary<Command[]> =>
 type Db = pg.ClientBase | pg.Pool;
 
 /** Settings of every run: no backoff ends by itself (see timePasses), and leases do not run out by themselves. */
-export const RUN_SETTINGS: Record<string, string> = {
+const RUN_SETTINGS: Record<string, string> = {
   default_max_load: '1', // 4 agents, 6 rooms: rooms wait for a free agent
   lease_seconds: '3600',
   retry_base_seconds: '3600',
@@ -138,7 +138,7 @@ export async function resetDatabase(db: Db): Promise<void> {
   );
 }
 
-export class Mismatch extends Error {
+class Mismatch extends Error {
   override name = 'Mismatch';
 }
 
@@ -147,16 +147,16 @@ type Webhook = { kind: 'new'; room: string; prior: number | null } | { kind: 'cl
 const num = (v: unknown): number | null => (v === null || v === undefined ? null : Number(v));
 const roomName = (n: number) => `r${n}`;
 
-export function newRequestPayload(room: string, prior: number | null): Json {
+function newRequestPayload(room: string, prior: number | null): Json {
   return newRequest(room, { latest_service: prior === null ? null : { id: prior, room_id: room, is_resolved: true } });
 }
 
-export function resolvedPayload(room: string, service: number | null): Json {
+function resolvedPayload(room: string, service: number | null): Json {
   const p = resolvedRequest(room);
   return { ...p, service: { ...p.service, id: service } };
 }
 
-export function format(cmd: Command): string {
+function format(cmd: Command): string {
   return JSON.stringify(cmd);
 }
 

@@ -39,7 +39,7 @@ export interface ComposeFile {
   volumes?: Record<string, unknown>;
 }
 
-export const composeText = () => readFileSync(path.join(root, 'docker-compose.yml'), 'utf8');
+const composeText = () => readFileSync(path.join(root, 'docker-compose.yml'), 'utf8');
 
 /** The compose file as written (variables not substituted). */
 export function loadCompose(): ComposeFile {

@@ -12,7 +12,7 @@ import type { TestProject } from 'vitest/node';
 import { startEmbeddedPostgres, tempDataDir } from '../../src/db/embedded.ts';
 import { runMigrations } from '../../src/db/migrate.ts';
 
-export const TEMPLATE_DB = 'allocator_test_template';
+const TEMPLATE_DB = 'allocator_test_template';
 
 declare module 'vitest' {
   export interface ProvidedContext {
