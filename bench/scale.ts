@@ -60,9 +60,9 @@ async function setAgents(c: pg.Client, n: number, scenario: Scenario): Promise<v
     [n],
   );
   // Everyone full (the guard allows load = capacity), idle since a different moment each.
-  await c.query(`update allocator.agents set load = 2, last_assigned_at = now() - make_interval(secs => id)`);
+  await c.query(`update allocator.agents set our_load = 2, last_assigned_at = now() - make_interval(secs => id)`);
   if (scenario === 'one free slot') {
-    await c.query(`update allocator.agents set load = 1 where id = $1`, [n]);
+    await c.query(`update allocator.agents set our_load = 1 where id = $1`, [n]);
   }
   await c.query('vacuum analyze allocator.agents');
 }

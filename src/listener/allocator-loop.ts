@@ -34,6 +34,8 @@ export interface LoopEvents {
 
 export interface AllocatorLoopOptions extends LoopEvents {
   pool: pg.Pool;
+  /** This listener's id (see presence.ts); reservations made under it are rescued at once if it dies. */
+  owner: () => number | null;
   qiscus: Assigner;
   logger: Logger;
   concurrency: number;
@@ -90,7 +92,8 @@ export class AllocatorLoop {
 
   private async reserve(): Promise<Reservation | undefined> {
     const res = await this.o.pool.query<Reservation>(
-      `select attempt_id, session_id, room_id, agent_id, attempt from allocator.reserve()`,
+      `select attempt_id, session_id, room_id, agent_id, attempt from allocator.reserve($1)`,
+      [this.o.owner()],
     );
     const r = res.rows[0];
     if (r && this.kickedAt !== null) {
@@ -136,7 +139,7 @@ export class AllocatorLoop {
           { status: e.status, err: error },
           'Qiscus rejected our credentials: check QISCUS_APP_ID and QISCUS_SECRET_KEY',
         );
-        await this.report(`select allocator.release($1, $2, 30) as v`, [r.attempt_id, error]);
+        await this.report(`select allocator.release_reservation($1, $2, 30) as v`, [r.attempt_id, error]);
       } else {
         outcome = 'transient';
         const retryAfter = isQiscusError(e) ? (e.retryAfterSeconds ?? null) : null;
@@ -153,8 +156,8 @@ export class AllocatorLoop {
 
   /**
    * Reports an outcome to SQL, retrying while the database is unreachable: the result of a call that Qiscus
-   * answered must not be lost. If this process dies first, the lease runs out and the room is retried with the
-   * same agent, which Qiscus treats as a repeat.
+   * answered must not be lost. If this process dies first, its reservations are rescued (presence.ts) and the
+   * room is retried with the same agent, which Qiscus treats as a repeat.
    */
   private async report<T>(sql: string, params: unknown[]): Promise<T> {
     for (let wait = 200; ; wait = Math.min(wait * 2, 5000)) {
@@ -186,7 +189,7 @@ export class AllocatorLoop {
     // The calls are still out: Qiscus may yet perform them, so the rooms keep their agents' slots.
     await Promise.allSettled(
       [...this.inFlight.keys()].map((id) =>
-        this.o.pool.query(`select allocator.release($1, $2, 0, true)`, [id, reason]),
+        this.o.pool.query(`select allocator.release_reservation($1, $2, 0, true)`, [id, reason]),
       ),
     );
   }

@@ -10,6 +10,7 @@ import type { Config } from '../config/index.ts';
 import type { ListenerMetrics } from './metrics.ts';
 import { createQiscusClient, type QiscusClient } from '../qiscus/client.ts';
 import { AllocatorLoop, errText, type LoopEvents } from './allocator-loop.ts';
+import { Presence } from './presence.ts';
 import { syncRoster, type SyncResult } from './roster-sync.ts';
 
 // pg-listen is CommonJS with `exports.default`: from ESM its default import is the whole module.
@@ -27,6 +28,10 @@ export interface ListenerOptions extends LoopEvents {
   syncSeconds: number;
   onSync?(r: SyncResult): void;
   onSyncError?(e: unknown): void;
+  /** Reservations of dead listeners put back by this one's probe. */
+  onRescued?(n: number): void;
+  /** Qiscus went down (every call failing: see db/code/09-qiscus-health.sql) or came back. */
+  onQiscusStatus?(down: boolean): void;
 }
 
 export interface Listener {
@@ -40,7 +45,8 @@ export interface Listener {
 
 export async function startListener(o: ListenerOptions): Promise<Listener> {
   const log = o.logger;
-  const loop = new AllocatorLoop(o);
+  const presence = new Presence(o.databaseUrl, log);
+  const loop = new AllocatorLoop({ ...o, owner: () => presence.id });
   const timers: NodeJS.Timeout[] = [];
   let dueTimer: NodeJS.Timeout | null = null;
   let stopped = false;
@@ -73,6 +79,33 @@ export async function startListener(o: ListenerOptions): Promise<Listener> {
     }
     loop.kick();
     await armDueTimer();
+  };
+
+  // Every second: put back the reservations of listeners that died (their advisory lock is gone), and notice
+  // Qiscus going down or coming back. One short statement.
+  let qiscusDown = false;
+  const probe = async () => {
+    if (stopped) return;
+    try {
+      const r = await o.pool.query<{ rescued: number; down: boolean }>(
+        `select allocator.rescue_abandoned() as rescued,
+                (select down_since is not null from allocator.qiscus_health) as down`,
+      );
+      const { rescued, down } = r.rows[0]!;
+      if (rescued > 0) {
+        log.warn({ rescued }, 'rescued the reservations of a listener that died');
+        o.onRescued?.(rescued);
+        loop.kick();
+      }
+      if (down !== qiscusDown) {
+        qiscusDown = down;
+        if (down) log.error('Qiscus is down: every assign call fails; probing it once a second, rooms keep their attempts');
+        else log.info('Qiscus is back: serving the waiting rooms');
+        o.onQiscusStatus?.(down);
+      }
+    } catch (e) {
+      log.debug({ err: errText(e) }, 'rescue probe failed');
+    }
   };
 
   const syncNow = async (): Promise<SyncResult | undefined> => {
@@ -135,8 +168,11 @@ export async function startListener(o: ListenerOptions): Promise<Listener> {
   };
 
   await syncNow();
+  await presence.start();
   await connectFirst();
+  await probe(); // a listener that died just before we started holds nothing for long
   void sweep(); // LISTEN is in place now: anything queued before it is caught here
+  timers.push(setInterval(() => void probe(), 1000));
   if (o.sweepSeconds > 0) timers.push(setInterval(() => void sweep(), o.sweepSeconds * 1000));
   timers.push(setInterval(() => void syncNow(), o.syncSeconds * 1000));
 
@@ -149,6 +185,7 @@ export async function startListener(o: ListenerOptions): Promise<Listener> {
       if (dueTimer) clearTimeout(dueTimer);
       await subscriber?.close().catch(() => {});
       await loop.stop();
+      await presence.stop();
     },
     async abandon() {
       await loop.releaseInFlight();
@@ -192,6 +229,8 @@ export async function startListenerFromConfig(
     },
     onSync: metrics?.onSync,
     onSyncError: metrics?.onSyncError,
+    onRescued: metrics?.onRescued,
+    onQiscusStatus: metrics?.onQiscusStatus,
   });
   metrics?.watch(listener.loop);
   return listener;

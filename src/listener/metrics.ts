@@ -18,6 +18,8 @@ export interface ListenerMetrics {
   onReserved(r: Reservation, lagMs: number): void;
   onSync(r: SyncResult): void;
   onSyncError(e: unknown): void;
+  onRescued(n: number): void;
+  onQiscusStatus(down: boolean): void;
   /** Wraps the Qiscus client so that its calls are timed and its errors counted. */
   instrument(client: QiscusClient): QiscusClient;
   /** The loop whose in-flight assignments the gauge reports (read at scrape time). */
@@ -71,6 +73,18 @@ export function createListenerMetrics(registry: Registry): ListenerMetrics {
     registers,
   });
 
+  const rescued = new Counter({
+    name: `${PREFIX}rescued_total`,
+    help: 'Reservations of dead listeners put back by this listener (their assign calls may have landed: retried with the same agent)',
+    registers,
+  });
+  const qiscusUp = new Gauge({
+    name: `${PREFIX}qiscus_up`,
+    help: '0 while Qiscus fails every assign call (an outage: rooms keep their attempts, Qiscus is probed once a second), else 1',
+    registers,
+  });
+  qiscusUp.set(1);
+
   // Every series exists from the start at 0, so rate() and alerts see the first increment.
   for (const outcome of OUTCOMES) assignments.inc({ outcome }, 0);
   syncs.inc({ result: 'ok' }, 0);
@@ -93,6 +107,12 @@ export function createListenerMetrics(registry: Registry): ListenerMetrics {
     },
     onSyncError() {
       syncs.inc({ result: 'error' });
+    },
+    onRescued(n) {
+      rescued.inc(n);
+    },
+    onQiscusStatus(down) {
+      qiscusUp.set(down ? 0 : 1);
     },
     instrument: (client) => qiscus.instrument(client),
     watch(l) {

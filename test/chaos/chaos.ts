@@ -881,7 +881,7 @@ export async function runChaos(opts: ChaosOptions = {}): Promise<ChaosReport> {
     );
     const invariants = await pool.query<{ problem: string; detail: string }>(`select * from allocator.check_invariants()`);
     const loads = await pool.query<{ load: number; external: number }>(
-      `select coalesce(sum(load), 0)::int as load, coalesce(sum(external_load), 0)::int as external from allocator.agents`,
+      `select coalesce(sum(our_load), 0)::int as load, coalesce(sum(external_load), 0)::int as external from allocator.agents`,
     );
 
     // Qiscus's side: every assign call, by answer

@@ -39,7 +39,7 @@ async function sessionRow(pool: pg.Pool, room: string) {
 }
 
 async function loadOf(pool: pg.Pool, agent: number): Promise<number> {
-  return (await pool.query(`select load from allocator.agents where id = $1`, [agent])).rows[0].load;
+  return (await pool.query(`select our_load as load from allocator.agents where id = $1`, [agent])).rows[0].load;
 }
 
 describe('BUG found by the chaos run (fails until fixed)', () => {

@@ -25,7 +25,7 @@ export type Command =
   /** Mark-as-Resolved webhook for room r<room> with service.id = service. */
   | { kind: 'resolve'; room: number; service: number | null }
   /** Mark-as-Resolved webhook for the pick-th room with an agent (reserved or assigned), else the pick-th open room. */
-  | { kind: 'resolveOpen'; pick: number; service: number | null }
+  | { kind: 'resolveOpen'; pick: number; service: number | null; byAgent?: boolean }
   /** The pick-th most recent earlier webhook (of either kind), delivered again. */
   | { kind: 'duplicate'; pick: number }
   | { kind: 'reserve' }
@@ -84,7 +84,10 @@ const rosterArb = (online = 3): fc.Arbitrary<Extract<Command, { kind: 'roster' }
 const commandArb: fc.Arbitrary<Command> = fc.oneof(
   { weight: 10, arbitrary: rec({ kind: fc.constant('newRequest' as const), room, prior: fc.option(service, { freq: 2 }) }) },
   { weight: 1, arbitrary: rec({ kind: fc.constant('resolve' as const), room, service: fc.option(service, { freq: 6 }) }) },
-  { weight: 3, arbitrary: rec({ kind: fc.constant('resolveOpen' as const), pick, service: fc.option(service, { freq: 6 }) }) },
+  {
+    weight: 3,
+    arbitrary: rec({ kind: fc.constant('resolveOpen' as const), pick, service: fc.option(service, { freq: 6 }), byAgent: fc.boolean() }),
+  },
   { weight: 2, arbitrary: rec({ kind: fc.constant('duplicate' as const), pick }) },
   { weight: 8, arbitrary: fc.constant({ kind: 'reserve' as const }) },
   { weight: 4, arbitrary: rec({ kind: fc.constant('confirm' as const), pick, stale, service: fc.option(service, { freq: 2 }) }) },
@@ -126,6 +129,8 @@ const RUN_SETTINGS: Record<string, string> = {
   retry_base_seconds: '3600',
   retry_max_seconds: '100000',
   max_attempts: '3',
+  // Outages of Qiscus pace calls by wall-clock time (one probe a second): tested in test/sql/outage.test.ts.
+  outage_failures: '1000000',
 };
 
 export async function resetDatabase(db: Db): Promise<void> {
@@ -142,7 +147,10 @@ class Mismatch extends Error {
   override name = 'Mismatch';
 }
 
-type Webhook = { kind: 'new'; room: string; prior: number | null } | { kind: 'close'; room: string; service: number | null };
+/** `by`: who resolved the room (resolved_by.id): its agent, or null for an admin. */
+type Webhook =
+  | { kind: 'new'; room: string; prior: number | null }
+  | { kind: 'close'; room: string; service: number | null; by?: number | null };
 
 const num = (v: unknown): number | null => (v === null || v === undefined ? null : Number(v));
 const roomName = (n: number) => `r${n}`;
@@ -151,9 +159,9 @@ function newRequestPayload(room: string, prior: number | null): Json {
   return newRequest(room, { latest_service: prior === null ? null : { id: prior, room_id: room, is_resolved: true } });
 }
 
-function resolvedPayload(room: string, service: number | null): Json {
-  const p = resolvedRequest(room);
-  return { ...p, service: { ...p.service, id: service } };
+function resolvedPayload(room: string, service: number | null, by: number | null): Json {
+  const p = resolvedRequest(room) as { resolved_by: Record<string, unknown>; service: Record<string, unknown> };
+  return { ...p, service: { ...p.service, id: service }, ...(by === null ? {} : { resolved_by: { ...p.resolved_by, id: by, type: 'agent' } }) };
 }
 
 function format(cmd: Command): string {
@@ -238,8 +246,8 @@ export class Harness {
       db = (await this.db.query(`select * from allocator.accept_new_request($1::jsonb, 'model')`, [newRequestPayload(w.room, w.prior)])).rows[0];
       model = this.model.acceptNewRequest(w.room, w.prior);
     } else {
-      db = (await this.db.query(`select * from allocator.accept_close_request($1::jsonb, 'model')`, [resolvedPayload(w.room, w.service)])).rows[0];
-      model = this.model.acceptCloseRequest(w.room, w.service);
+      db = (await this.db.query(`select * from allocator.accept_close_request($1::jsonb, 'model')`, [resolvedPayload(w.room, w.service, w.by ?? null)])).rows[0];
+      model = this.model.acceptCloseRequest(w.room, w.service, w.by ?? null);
     }
     const got = { outcome: db.outcome, sessionId: num(db.session_id) };
     this.count(`${w.kind}:${db.outcome}`);
@@ -272,7 +280,8 @@ export class Harness {
         const served = m.sessions.filter((s) => s.state === 'reserved' || s.state === 'assigned');
         const open = served.length > 0 ? served : m.sessions.filter((s) => s.state === 'waiting');
         if (open.length === 0) return;
-        const w: Webhook = { kind: 'close', room: open[cmd.pick % open.length]!.room, service: cmd.service };
+        const target = open[cmd.pick % open.length]!;
+        const w: Webhook = { kind: 'close', room: target.room, service: cmd.service, by: cmd.byAgent ? target.agentId : null };
         this.webhooks.push(w);
         return this.webhook(w);
       }
@@ -334,7 +343,7 @@ export class Harness {
         const r = this.reservation(cmd);
         if (!r) return;
         const s = (
-          await db.query(`select allocator.release($1, 'shutting down', $2, $3) as s`, [r.attemptId, cmd.delayed ? 3600 : 0, cmd.maybeAssigned])
+          await db.query(`select allocator.release_reservation($1, 'shutting down', $2, $3) as s`, [r.attemptId, cmd.delayed ? 3600 : 0, cmd.maybeAssigned])
         ).rows[0].s;
         this.count(`release:${s}`);
         return this.same(`release(${r.attemptId}) result`, s, m.release(r.attemptId, cmd.delayed, cmd.maybeAssigned));
@@ -399,7 +408,7 @@ export class Harness {
                as lease_ok
         from allocator.sessions order by id;
       select room_id, retry_agent_id, session_id from allocator.queue order by position;
-      select a.id, a.type, a.is_available, a.force_offline, a.present, a.paused, a.max_load, a.load, a.external_load,
+      select a.id, a.type, a.is_available, a.force_offline, a.present, a.paused, a.max_load, a.our_load as load, a.external_load,
              a.qiscus_load, l.available, l.load as total_load, l.capacity
         from allocator.agents a join allocator.agent_load l using (id) order by a.id;
       select id from allocator.agent_preference();

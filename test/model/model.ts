@@ -28,7 +28,6 @@ export interface Agent {
   load: number; // our rooms: reserved + assigned + waiting rooms holding a slot
   externalLoad: number; // rooms assigned by hand (from the last syncs: up at once, down when two agree)
   externalSeen: number; // the by-hand count the last sync computed
-  externalHeld: boolean; // a mid-call resolution was counted: no sync lowers the count for two leases (a run)
   qiscusLoad: number | null;
   lastAssignedAt: number | null; // logical time of the last slot taken
 }
@@ -228,7 +227,7 @@ export class Model {
   }
 
   /** accept_close_request(payload with service.room_id, service.id = service). */
-  acceptCloseRequest(room: string, service: number | null): WebhookResult {
+  acceptCloseRequest(room: string, service: number | null, by: number | null = null): WebhookResult {
     const last = this.lastSession(room);
     if (!last) return { outcome: 'unknown_room', sessionId: null };
     if (!OPEN.has(last.state)) return { outcome: 'already_resolved', sessionId: last.id };
@@ -240,9 +239,12 @@ export class Model {
     ) {
       return { outcome: 'already_resolved', sessionId: undefined /* not compared */ };
     }
-    // a reserved room keeps its slot and attempt until the call in flight reports back (settleResolvedInFlight)
-    if (last.state === 'assigned' || last.holdsSlot) this.releaseSlot(last.agentId);
-    if (last.state !== 'reserved') last.attemptId = null;
+    // a reserved room keeps its slot and attempt until the call in flight reports back (settleResolvedInFlight),
+    // unless its agent resolved it: then our assignment landed before, and the slot is free now
+    const landed = last.state === 'reserved' && by !== null && by === last.agentId;
+    if (last.state === 'assigned' || last.holdsSlot || landed) this.releaseSlot(last.agentId);
+    if (landed) this.attempts[last.attemptId! - 1]!.outcome = 'resolved';
+    if (last.state !== 'reserved' || landed) last.attemptId = null;
     last.state = 'resolved';
     last.holdsSlot = false;
     last.uncertain = false;
@@ -311,14 +313,19 @@ export class Model {
   // Outcomes of a reservation
 
   confirm(attemptId: number, service: number | null): boolean {
-    const s = this.current(attemptId);
+    let s = this.current(attemptId);
     const a = this.attempts[attemptId - 1];
     if (!s) {
-      this.settleResolvedInFlight(attemptId, true);
+      this.settleResolvedInFlight(attemptId, true, service);
       if (a && a.outcome === null) a.outcome = 'stale';
-      return false;
+      // a rescued room waiting for the retry with this agent: the answer says the retry would only repeat it
+      const rescued = a && this.sessions[a.sessionId - 1];
+      if (!rescued || rescued.state !== 'waiting' || !rescued.holdsSlot || rescued.agentId !== a.agentId) return false;
+      s = rescued;
+      s.holdsSlot = false;
+    } else {
+      a!.outcome = 'assigned';
     }
-    a!.outcome = 'assigned';
     s.state = 'assigned';
     s.attemptId = null;
     s.uncertain = false;
@@ -357,18 +364,17 @@ export class Model {
   }
 
   /**
-   * A room resolved while its call was in flight: when the call reports back (or its lease ends), its slot moves
-   * to the agent's by-hand count if the call may have landed, or is freed.
+   * A room resolved while its call was in flight: when the call reports back (or its lease ends), its slot is
+   * freed if the call did not land or its answer names the resolved service; else it moves to the agent's by-hand
+   * count until the next roster pull (every pull here starts after the call ended).
    */
-  private settleResolvedInFlight(attemptId: number, maybeLanded: boolean): boolean {
+  private settleResolvedInFlight(attemptId: number, maybeLanded: boolean, service: number | null = null): boolean {
     const s = this.sessions.find((q) => q.state === 'resolved' && q.attemptId === attemptId);
     if (!s) return false;
     const agent = this.agents.get(s.agentId!)!;
-    if (maybeLanded) {
+    if (maybeLanded && (service === null || service !== s.serviceId)) {
       agent.load -= 1;
       agent.externalLoad += 1;
-      agent.externalSeen += 1;
-      agent.externalHeld = true; // the call may land after later syncs started: none lowers the count (two leases)
     } else {
       this.releaseSlot(s.agentId);
     }
@@ -436,7 +442,7 @@ export class Model {
       if (!a) {
         this.agents.set(e.id, {
           id: e.id, type: e.type, isAvailable: e.isAvailable, forceOffline: e.forceOffline, present: true,
-          paused: false, maxLoad: null, load: 0, externalLoad: ext, externalSeen: ext, externalHeld: false,
+          paused: false, maxLoad: null, load: 0, externalLoad: ext, externalSeen: ext,
           qiscusLoad: e.count,
           lastAssignedAt: null,
         });
@@ -444,7 +450,7 @@ export class Model {
         continue;
       }
       // up at once, down only as far as the previous sync agrees (one pull can undercount; see sync_agents)
-      const external = Math.max(ext, Math.min(a.externalLoad, a.externalSeen), a.externalHeld ? a.externalLoad : 0);
+      const external = Math.max(ext, Math.min(a.externalLoad, a.externalSeen));
       const same =
         a.type === e.type && a.isAvailable === e.isAvailable && a.forceOffline === e.forceOffline && a.present &&
         a.qiscusLoad === e.count && a.externalLoad === external && a.externalSeen === ext;

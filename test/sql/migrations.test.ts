@@ -2,7 +2,8 @@
  * `npm run migrate` on an empty database and on a database left at every earlier version.
  */
 import { execFile } from 'node:child_process';
-import { cp, mkdir, readdir, rm } from 'node:fs/promises';
+import { cp, mkdir, readdir, readFile, rm, writeFile } from 'node:fs/promises';
+import { gunzipSync } from 'node:zlib';
 import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
@@ -12,6 +13,7 @@ import { afterAll, describe, expect, inject, it } from 'vitest';
 import { migrationsApplied, migrationsFolder } from '../../src/db/migrate.ts';
 
 const run = promisify(execFile);
+const releasedFolder = path.resolve(import.meta.dirname, '../fixtures/released-migrations');
 const adminUrl = inject('pgAdminUrl');
 const created: string[] = [];
 
@@ -38,6 +40,25 @@ afterAll(async () => {
   await c.end();
 });
 
+/** The functions of a database migrated from empty (the test template). */
+async function currentFunctions(): Promise<string[]> {
+  const u = new URL(adminUrl);
+  u.pathname = `/${inject('pgTemplate')}`;
+  const c = new pg.Client(adminUrl);
+  await c.connect();
+  const name = `allocator_fresh_${Math.random().toString(36).slice(2, 10)}`;
+  await c.query(`create database ${name} template ${inject('pgTemplate')}`);
+  await c.end();
+  created.push(name);
+  u.pathname = `/${name}`;
+  const f = new pg.Client(u.toString());
+  await f.connect();
+  const r = await f.query(`select p.oid::regprocedure::text as f from pg_proc p
+                           where p.pronamespace = 'allocator'::regnamespace order by 1`);
+  await f.end();
+  return r.rows.map((x) => x.f);
+}
+
 describe('migrations', () => {
   it('bring an empty database to the current schema, and a second run changes nothing', async () => {
     const url = await emptyDatabase();
@@ -57,13 +78,23 @@ describe('migrations', () => {
       // a migrations folder holding only the first `upTo` migrations stands for an older release
       const old = path.join(os.tmpdir(), `allocator-old-${upTo}-${process.pid}`);
       await mkdir(path.join(old, 'committed'), { recursive: true });
-      for (const f of files.slice(0, upTo)) await cp(path.join(migrationsFolder, 'committed', f), path.join(old, 'committed', f));
+      for (const f of files.slice(0, upTo)) {
+        // migrations later edited to hold the schema alone are kept as released (functions and all) in fixtures
+        const released = path.join(releasedFolder, `${f}.gz`);
+        const text = await readFile(released).then((z) => gunzipSync(z), () => null);
+        if (text) await writeFile(path.join(old, 'committed', f), text);
+        else await cp(path.join(migrationsFolder, 'committed', f), path.join(old, 'committed', f));
+      }
       const url = await emptyDatabase();
       await migrate({ connectionString: url, migrationsFolder: old } as Parameters<typeof migrate>[0]);
       await rm(old, { recursive: true, force: true });
       await npmMigrate(url);
       const pool = new pg.Pool({ connectionString: url });
       expect(await migrationsApplied(pool)).toBe(true);
+      // the same functions as a new database: one current definition each, none left from the old release
+      const fns = await pool.query(`select p.oid::regprocedure::text as f from pg_proc p
+                                    where p.pronamespace = 'allocator'::regnamespace order by 1`);
+      expect(fns.rows.map((r) => r.f)).toEqual(await currentFunctions());
       await pool.end();
     }
     expect(files.length).toBeGreaterThanOrEqual(1);

@@ -82,7 +82,7 @@ describe('rules', () => {
     await setting(db.pool, 'max_wait_seconds', '0.1');
     await sleep(150);
     expect((await db.pool.query(`select * from allocator.sweep()`)).rows[0].cancelled).toBe(1);
-    expect((await db.pool.query(`select load from allocator.agents`)).rows[0].load).toBe(0);
+    expect((await db.pool.query(`select our_load as load from allocator.agents`)).rows[0].load).toBe(0);
   });
 
   it('honours a replaced agent_preference() on the next reservation, on the same connection', async () => {

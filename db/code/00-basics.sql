@@ -1,0 +1,79 @@
+--------------------------------------------------------------------------------------------------------------------
+-- The allocation engine. Every decision about which room goes to which agent is made here, in SQL, so that any
+-- number of web and listener processes can share one database and an agent can never exceed its capacity.
+-- These files are the current definition of every function, view and trigger of schema `allocator`; `npm run
+-- migrate` applies them in file-name order after the migrations (db/committed: tables, columns, indexes, data).
+--
+--   00-basics          json_bigint, the NOTIFY trigger function       06-rescue       dead listeners, leases, sweep
+--   01-settings        defaults and one accessor per setting          07-roster       Qiscus's agent list
+--   02-agents          capacity, the guard, agent_preference()        08-rules        priority, maximum wait
+--   03-intake          the two webhooks                               09-qiscus-health outages of Qiscus
+--   04-reservation     reserve(): which room goes to which agent      10-views        views for people, invariants
+--   05-outcomes        confirm, fail_transient, fail_for_agent, release_reservation
+--
+-- Shape of the data:
+--   settings   tunables a DBA may change at any time (read on every call, so a change applies at once)
+--   agents     one row per Qiscus agent; our_load = rooms we hold for it, guarded by a trigger
+--   sessions   one row per (room, customer session); explicit states with one timestamp per transition
+--   attempts   one row per reservation: who was tried, how it ended, why
+--   webhooks   every accepted webhook, raw, with its arrival time and what it did
+--
+-- Life of a session (allocator.session_state), with the sub-states that decide an agent's slot:
+--
+--   new_request ─▶ waiting ──reserve()──▶ reserved ──confirm()──▶ assigned ──close_request──▶ resolved
+--                   ▲   │                  │ (an assign call in flight, made by listener `owner`)
+--                   │   │                  │
+--                   │   │                  ├──close_request──▶ resolved, call in flight (attempt_id and lease kept)
+--                   │   │                  │                    └─ when the call reports back or its listener dies:
+--                   │   │                  │                       settled by evidence (settle_resolved_in_flight)
+--                   └───┼──────────────────┘ fail_transient, fail_for_agent, release_reservation, rescue
+--                       │                    holds_slot: the call may have landed, so the waiting room keeps its
+--                       │                    agent's slot and goes back to that agent first
+--                       ├──max_attempts used up, or refused by every agent──▶ failed
+--                       ├──waited longer than max_wait_seconds─────────────▶ cancelled
+--                       └──close_request──────────────────────────────────▶ resolved
+--------------------------------------------------------------------------------------------------------------------
+
+comment on type allocator.session_state is
+  'waiting (queued; holds_slot: keeps its last agent''s slot after a call that may have landed), reserved (an assign '
+  'call is in flight, by listener `owner`), assigned, resolved (with attempt_id set: resolved while its call was in '
+  'flight, settled when the call reports back), failed (attempts used up or refused by every agent), cancelled '
+  '(waited longer than max_wait_seconds).';
+
+--------------------------------------------------------------------------------------------------------------------
+-- Small helpers every other file uses.
+--------------------------------------------------------------------------------------------------------------------
+
+-- A JSON number as a bigint; null for anything else (a string, a fraction, a value out of range), so that odd
+-- input can never make a webhook fail here.
+create function allocator.json_bigint(v jsonb)
+returns bigint
+language plpgsql immutable
+as $$
+declare
+  n numeric;
+begin
+  -- plpgsql, not SQL: an inlined SQL CASE may be constant-folded, casting before the type is checked
+  if jsonb_typeof(v) is distinct from 'number' then
+    return null;
+  end if;
+  n := (v #>> '{}')::numeric;
+  if n <> trunc(n) or n not between -9223372036854775808 and 9223372036854775807 then
+    return null;
+  end if;
+  return n::bigint;
+end;
+$$;
+
+-- Wake-up hints. NOTIFY only says "look again"; the listener re-reads the tables, so a lost hint costs a sweep
+-- period at worst. PostgreSQL folds identical notifications of one transaction into one, and the payload (the
+-- trigger's argument: room, agent, settings) only tells a reader of the log why it woke.
+create function allocator.notify()
+returns trigger
+language plpgsql
+as $$
+begin
+  perform pg_notify('allocator', tg_argv[0]);
+  return null;
+end;
+$$;

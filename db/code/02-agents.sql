@@ -1,0 +1,106 @@
+--------------------------------------------------------------------------------------------------------------------
+-- Agents: who may take a room, and the capacity guard.
+--
+-- The predicates are stored generated columns of allocator.agents, named once (migration 3):
+--   online      Qiscus may assign it rooms at all (type agent, listed, available, not forced offline)
+--   accepting   online and not paused: may be given new rooms. A paused agent stays online: the retry of a room
+--               whose slot it still holds goes to it (see reserve()), since the first call may have landed.
+--   total_load  our_load + external_load: the rooms it holds, ours and those assigned by hand
+-- and capacity() below is the one capacity expression.
+--------------------------------------------------------------------------------------------------------------------
+
+-- Capacity of one agent. Inlined by the planner where it is used in a query; the setting is read in a sub-select,
+-- so that over many agents it becomes one InitPlan, read once.
+create function allocator.capacity(max_load integer)
+returns integer
+language sql stable
+as $$ select coalesce(max_load, (select allocator.default_max_load())) $$;
+
+-- The largest capacity any agent has: the default or the biggest per-agent max_load (one probe of agents_max_load).
+create function allocator.max_capacity()
+returns integer
+language sql stable
+as $$
+  select greatest(allocator.default_max_load(),
+                  coalesce((select max(a.max_load) from allocator.agents a where a.max_load is not null), 0))
+$$;
+
+-- The guard that nothing can bypass: whatever code (or person) raises an agent's load, the row is refused when
+-- it would carry more rooms than the agent's capacity. The allocator's own update already checks, so this only
+-- fires on a bug or a hand-written UPDATE. (A BEFORE trigger sees the generated total_load of the old row, so the
+-- sum is written out.)
+create function allocator.guard_capacity()
+returns trigger
+language plpgsql
+as $$
+begin
+  if new.our_load + new.external_load > allocator.capacity(new.max_load) then
+    raise exception 'agent % would hold % rooms, capacity is %',
+      new.id, new.our_load + new.external_load, allocator.capacity(new.max_load)
+      using errcode = 'check_violation';
+  end if;
+  return new;
+end;
+$$;
+
+create trigger guard_capacity
+  before update of our_load on allocator.agents
+  for each row when (new.our_load > old.our_load)
+  execute function allocator.guard_capacity();
+
+-- Frees one of an agent's slots. The caller holds the session row that had it; this is the only place our_load
+-- goes down.
+create function allocator.free_slot(agent bigint)
+returns void
+language sql
+as $$ update allocator.agents set our_load = our_load - 1 where id = agent $$;
+
+-- Takes one slot of an agent if it still accepts rooms and is below capacity. The guarded update is the capacity
+-- check: it runs under the row lock, so two transactions cannot both take the last slot.
+create function allocator.take_slot(agent bigint)
+returns boolean
+language plpgsql
+as $$
+begin
+  update allocator.agents a
+  set our_load = a.our_load + 1, last_assigned_at = now()
+  where a.id = agent and a.accepting and a.total_load < allocator.capacity(a.max_load);
+  return found;
+end;
+$$;
+
+-- The rule for choosing agents: the agents that may take a room now, best first. A DBA may replace it with
+-- CREATE OR REPLACE FUNCTION (same signature) to route differently; `npm run migrate` keeps a replaced rule (see
+-- src/db/migrate.ts). Whatever it returns, reserve() still locks each agent and takes the slot through the guarded
+-- update, so a replaced rule can prefer badly but can never overload an agent or wake one that is offline. Keep it
+-- one STABLE SQL SELECT: PostgreSQL then inlines it into reserve()'s query and reads only the first rows from an
+-- index.
+-- Default: fewest open rooms first (ours and those assigned by hand), then the agent idle longest.
+-- The second bound on load is redundant for correctness; it turns the walk of agents_accepting_by_load into a
+-- range that ends at the first load nobody can carry, so with every agent full the scan stops at once instead of
+-- reading all online agents.
+create function allocator.agent_preference()
+returns setof allocator.agents
+language sql stable
+as $$
+  select a.*
+  from allocator.agents a
+  where a.accepting
+    and a.total_load < allocator.capacity(a.max_load)
+    and a.total_load < (select allocator.max_capacity())
+  order by a.total_load, a.last_assigned_at nulls first, a.id
+$$;
+
+-- Fires when an agent may have gained a free slot: a new agent, load down, capacity changed, back online or
+-- unpaused. Not on load going up: a reservation is no news, and NOTIFY serialises commits.
+create trigger notify_agent_added
+  after insert on allocator.agents
+  for each row when (new.accepting)
+  execute function allocator.notify('agent');
+
+create trigger notify_agent_free
+  after update on allocator.agents
+  for each row
+  when (new.accepting
+        and (new.total_load < old.total_load or new.max_load is distinct from old.max_load or not old.accepting))
+  execute function allocator.notify('agent');

@@ -1,0 +1,143 @@
+--------------------------------------------------------------------------------------------------------------------
+-- Webhooks in: the Custom Agent Allocation webhook queues a room, the Mark-as-Resolved webhook closes it. Each is
+-- stored raw in allocator.webhooks in the same transaction as its effect, so a webhook is either here and applied,
+-- or was never acknowledged.
+--------------------------------------------------------------------------------------------------------------------
+
+-- Serialises all work on one room (webhooks of both kinds), so "is there an open session?" and "open one" cannot
+-- interleave. Transaction-scoped: released at commit.
+create function allocator.lock_room(room text)
+returns void
+language sql
+as $$ select pg_advisory_xact_lock(1364, hashtext(room)) $$;
+
+-- Custom Agent Allocation webhook. Qiscus sends it on every customer message while the room has no agent, so
+-- most calls are repeats and must change nothing.
+--   queued            a new waiting session was opened (new or returning customer)
+--   already_queued    the room is already waiting
+--   already_assigned  the room is reserved or assigned
+--   duplicate         a late copy of a webhook that opened one of the room's sessions, since resolved
+create function allocator.accept_new_request(payload jsonb, request_id text default null)
+returns table (outcome text, session_id bigint, webhook_id bigint)
+language plpgsql
+as $$
+declare
+  room      text   := nullif(btrim(payload ->> 'room_id'), '');
+  prior     bigint := allocator.json_bigint(payload -> 'latest_service' -> 'id');
+  last      allocator.sessions;
+  v_outcome text;
+  v_session bigint;
+begin
+  if room is null then
+    raise exception 'room_id is required' using errcode = 'invalid_parameter_value';
+  end if;
+  perform allocator.lock_room(room);
+
+  select * into last from allocator.sessions s where s.room_id = room order by s.id desc limit 1;
+
+  if last.state in ('waiting') then
+    v_outcome := 'already_queued';
+    v_session := last.id;
+  elsif last.state in ('reserved', 'assigned') then
+    v_outcome := 'already_assigned';
+    v_session := last.id;
+  elsif exists (select from allocator.sessions r
+                where r.room_id = room and r.state = 'resolved' and r.prior_service_id is not distinct from prior) then
+    -- Same latest_service as the webhook that opened a session since resolved: a redelivery, not a new customer
+    -- message (a returning customer's webhook names the service that was just resolved, which no earlier session
+    -- was opened after).
+    v_outcome := 'duplicate';
+    select r.id into v_session from allocator.sessions r
+    where r.room_id = room and r.state = 'resolved' and r.prior_service_id is not distinct from prior
+    order by r.id desc limit 1;
+  else
+    insert into allocator.sessions (room_id, source, prior_service_id)
+    values (room, nullif(payload ->> 'source', ''), prior)
+    returning id into v_session;
+    v_outcome := 'queued';
+  end if;
+
+  insert into allocator.webhooks (kind, room_id, request_id, outcome, session_id, payload)
+  values ('new_request', room, request_id, v_outcome, v_session, payload)
+  returning id into webhook_id;
+
+  outcome := v_outcome;
+  session_id := v_session;
+  return next;
+end;
+$$;
+
+-- Mark-as-Resolved webhook: closes the room's open session and frees its agent's slot, whatever state it was in.
+--   resolved          an open session was closed
+--   already_resolved  the room's last session is resolved already (a repeat)
+--   unknown_room      we never had this room
+create function allocator.accept_close_request(payload jsonb, request_id text default null)
+returns table (outcome text, session_id bigint, webhook_id bigint)
+language plpgsql
+as $$
+declare
+  room      text   := nullif(btrim(payload -> 'service' ->> 'room_id'), '');
+  service   bigint := allocator.json_bigint(payload -> 'service' -> 'id');
+  resolver  bigint := allocator.json_bigint(payload -> 'resolved_by' -> 'id');
+  last      allocator.sessions;
+  landed    boolean;
+  in_flight boolean;
+  v_outcome text;
+begin
+  if room is null then
+    raise exception 'service.room_id is required' using errcode = 'invalid_parameter_value';
+  end if;
+  perform allocator.lock_room(room);
+
+  select * into last from allocator.sessions s where s.room_id = room order by s.id desc limit 1 for update;
+
+  if last.id is null then
+    v_outcome := 'unknown_room';
+  elsif service is not null
+        and (last.prior_service_id = service
+             or exists (select from allocator.sessions r
+                        where r.room_id = room and r.state = 'resolved' and r.service_id = service)) then
+    -- A repeat of a resolution already applied: the open session, if any, is a returning customer's new one
+    -- (opened after that service was resolved), so it must stay open.
+    v_outcome := 'already_resolved';
+  elsif last.state in ('waiting', 'reserved', 'assigned') then
+    -- A reserved room's call is in flight. If the agent we reserved resolved the room, our assignment landed
+    -- before the resolution: the slot is free now. Otherwise the room keeps the slot (and its attempt and lease)
+    -- until the call reports back: settle_resolved_in_flight() then decides from Qiscus's answer.
+    landed := last.state = 'reserved' and resolver is not null and resolver = last.agent_id;
+    if last.state = 'assigned' or last.holds_slot or landed then
+      perform allocator.free_slot(last.agent_id);
+    end if;
+    if landed then
+      update allocator.attempts set finished_at = now(), outcome = 'resolved',
+                                    error = 'resolved by the agent while the call was in flight'
+      where id = last.attempt_id;
+    end if;
+    in_flight := last.state = 'reserved' and not landed;
+    update allocator.sessions
+    set state = 'resolved', resolved_at = now(), updated_at = now(), holds_slot = false, uncertain = false,
+        attempt_id = case when in_flight then last.attempt_id end,
+        lease_expires_at = case when in_flight then last.lease_expires_at end,
+        owner = case when in_flight then last.owner end,
+        service_id = coalesce(service, sessions.service_id)
+    where id = last.id;
+    v_outcome := 'resolved';
+  else
+    v_outcome := 'already_resolved';
+  end if;
+
+  insert into allocator.webhooks (kind, room_id, request_id, outcome, session_id, payload)
+  values ('close_request', room, request_id, v_outcome, last.id, payload)
+  returning id into webhook_id;
+
+  outcome := v_outcome;
+  session_id := last.id;
+  return next;
+end;
+$$;
+
+-- A room that became due wakes the listeners.
+create trigger notify_room_waiting
+  after insert or update of state, next_attempt_at on allocator.sessions
+  for each row when (new.state = 'waiting' and new.next_attempt_at <= now())
+  execute function allocator.notify('room');

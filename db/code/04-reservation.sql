@@ -1,0 +1,115 @@
+--------------------------------------------------------------------------------------------------------------------
+-- Choosing and reserving: which room goes to which agent next.
+--------------------------------------------------------------------------------------------------------------------
+
+-- Records the reservation of locked room `s` for `agent`, whose slot the caller has already taken (or the room
+-- already holds), under a lease, on behalf of listener `owner`.
+create function allocator.reserve_for(s allocator.sessions, agent bigint, owner integer)
+returns table (attempt_id bigint, session_id bigint, room_id text, agent_id bigint, attempt integer,
+               lease_expires_at timestamptz)
+language plpgsql
+as $$
+begin
+  insert into allocator.attempts (session_id, agent_id, number)
+  values (s.id, agent, s.attempts + 1)
+  returning id into attempt_id;
+
+  update allocator.sessions q
+  set state = 'reserved', agent_id = agent, attempt_id = reserve_for.attempt_id, attempts = q.attempts + 1,
+      holds_slot = false, uncertain = s.holds_slot, reserved_at = now(), updated_at = now(),
+      lease_expires_at = now() + allocator.lease(), owner = reserve_for.owner
+  where q.id = s.id
+  returning q.id, q.room_id, q.attempts, q.lease_expires_at
+  into reserve_for.session_id, reserve_for.room_id, reserve_for.attempt, reserve_for.lease_expires_at;
+
+  reserve_for.agent_id := agent;
+  return next;
+end;
+$$;
+
+-- Reserves the next assignment: the best free agent (agent_preference) and the oldest waiting room that can take
+-- it. Agent first, then room: concurrent callers each lock a different agent (SKIP LOCKED) and then each take the
+-- oldest room nobody else holds, so rooms leave the queue in arrival order even under contention, and a caller
+-- that finds no free agent returns at once without touching the queue. Returns no row when nothing can be
+-- assigned now. The caller then calls Qiscus and reports back (confirm, fail_*, release_reservation) before the
+-- lease ends. `owner` is the caller's listener id (see listener_alive): if that listener dies, its reservations
+-- are rescued at once instead of at the end of the lease.
+create function allocator.reserve(owner integer default null)
+returns table (attempt_id bigint, session_id bigint, room_id text, agent_id bigint, attempt integer,
+               lease_expires_at timestamptz)
+language plpgsql
+as $$
+declare
+  candidates refcursor;
+  candidate  bigint;
+  s          allocator.sessions;
+begin
+  -- The usual idle state (nothing due) answers from one probe of sessions_due. Written as min(), not EXISTS:
+  -- with a long queue the planner would turn the EXISTS into a sequential scan that reads the whole history.
+  if coalesce((select min(q.next_attempt_at) from allocator.sessions q where q.state = 'waiting') > now(), true) then
+    return;
+  end if;
+  -- While Qiscus is down, only its probe goes out (see 10-qiscus-health.sql).
+  if not allocator.may_call_qiscus() then
+    return;
+  end if;
+
+  -- A room holding a slot goes back to its agent first: no slot to find, and the repeat is harmless if the
+  -- earlier call did reach Qiscus. The agent need only be online, not accepting: a paused agent keeps the retry
+  -- of a room it may already have. If that agent went offline or vanished, the slot is let go and the room
+  -- queues like any other (still preferring that agent, see below).
+  select q.* into s
+  from allocator.sessions q
+  where q.state = 'waiting' and q.holds_slot and q.next_attempt_at <= now()
+  order by q.next_attempt_at
+  limit 1
+  for no key update of q skip locked;
+  if s.id is not null then
+    if exists (select from allocator.agents a where a.id = s.agent_id and a.online) then
+      return query select * from allocator.reserve_for(s, s.agent_id, owner);
+      return;
+    end if;
+    perform allocator.free_slot(s.agent_id);
+    update allocator.sessions q set holds_slot = false, uncertain = false, updated_at = now() where q.id = s.id;
+  end if;
+
+  -- An explicit cursor fetches one agent at a time (a FOR-IN loop would read ten ahead).
+  open candidates for select p.id from allocator.agent_preference() p;
+  loop
+    fetch candidates into candidate;
+    exit when not found;
+
+    -- Lock the agent, or move on if another reservation holds it right now. The check runs on the row's latest
+    -- version (the cursor's snapshot may be older), so a room is only taken below once a slot is certain.
+    perform from allocator.agents a
+    where a.id = candidate and a.accepting and a.total_load < allocator.capacity(a.max_load)
+    for no key update skip locked;
+    continue when not found;
+
+    -- The oldest room this agent can take: due (not backing off), not refused by this agent, and not waiting to
+    -- be retried with another agent that is free (after a failure the call may in fact have reached Qiscus, so
+    -- the retry goes to the same agent when it can: the repeat is then harmless, not a second agent).
+    s := null;
+    select q.* into s
+    from allocator.sessions q
+    where q.state = 'waiting'
+      and not q.holds_slot
+      and q.next_attempt_at <= now()
+      and candidate <> all (q.excluded_agents)
+      and (q.last_agent_id is null or q.last_agent_id = candidate
+           or not exists (select from allocator.eligible_agents e where e.id = q.last_agent_id))
+    order by q.priority desc, q.queued_at, q.id
+    limit 1
+    for no key update of q skip locked;
+    continue when s.id is null;
+
+    -- agent_preference() may be a DBA's own rule: its answer still has to pass the guarded update.
+    continue when not allocator.take_slot(candidate);
+
+    close candidates;
+    return query select * from allocator.reserve_for(s, candidate, owner);
+    return;
+  end loop;
+  close candidates;
+end;
+$$;

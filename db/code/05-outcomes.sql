@@ -1,0 +1,227 @@
+--------------------------------------------------------------------------------------------------------------------
+-- Reporting the outcome of a reservation: confirm (Qiscus assigned), fail_transient (try again later),
+-- fail_for_agent (Qiscus refused this agent), release_reservation (handed back, not the room's fault).
+--------------------------------------------------------------------------------------------------------------------
+
+-- The session a reservation is for, locked, if that reservation is still the current one. A reservation that was
+-- rescued, resolved or superseded meanwhile is stale and must change nothing, except that a room resolved while
+-- its call was in flight is settled now (see settle_resolved_in_flight): `maybe_landed` says whether the call may
+-- have put the agent in the room, `service` is the service id Qiscus's answer named. Every outcome function starts
+-- here: a null id means "stale, already settled".
+create function allocator.current_reservation(attempt bigint, maybe_landed boolean, service bigint default null)
+returns allocator.sessions
+language plpgsql
+as $$
+declare
+  s allocator.sessions;
+begin
+  select q.* into s
+  from allocator.sessions q
+  where q.id = (select a.session_id from allocator.attempts a where a.id = attempt)
+    and q.attempt_id = attempt
+    and q.state = 'reserved'
+  for no key update;
+  if s.id is null then
+    perform allocator.settle_resolved_in_flight(attempt, maybe_landed, service);
+  end if;
+  return s;
+end;
+$$;
+
+-- A room resolved while its assign call was in flight keeps the agent's slot until the call reports back (see
+-- accept_close_request), and is settled by what Qiscus said:
+--   the call did not reach Qiscus (`maybe_landed` false)             the slot is free
+--   the assign answer names the service that was resolved            it landed, then was resolved: free
+--   otherwise (it landed after the resolution, or we cannot know)    the agent may hold the room: it is counted as
+--     a room Qiscus shows the agent holding (external_load) until the first roster pull that started after now,
+--     which sees Qiscus's own count (see external_after_pull)
+-- Returns false when `attempt` is not such a reservation.
+create function allocator.settle_resolved_in_flight(attempt bigint, maybe_landed boolean, service bigint default null)
+returns boolean
+language plpgsql
+as $$
+declare
+  s allocator.sessions;
+begin
+  select * into s from allocator.sessions q
+  where q.attempt_id = attempt and q.state = 'resolved'
+  for no key update;
+  if s.id is null then
+    return false;
+  end if;
+  if maybe_landed and (service is null or service is distinct from s.service_id) then
+    update allocator.agents
+    set our_load = our_load - 1, external_load = external_load + 1,
+        external_hold_until = greatest(external_hold_until, now())
+    where id = s.agent_id;
+  else
+    perform allocator.free_slot(s.agent_id);
+  end if;
+  update allocator.attempts set finished_at = now(), outcome = 'resolved', error = 'resolved while the call was in flight'
+  where id = attempt;
+  update allocator.sessions set attempt_id = null, lease_expires_at = null, owner = null, updated_at = now()
+  where id = s.id;
+  return true;
+end;
+$$;
+
+-- Qiscus accepted the assignment (`service`: the service id its answer named). Returns false if the reservation
+-- is no longer current. Then the answer is still evidence: a room resolved meanwhile is settled by it, and a room
+-- whose reservation was rescued (its listener was thought dead) and now waits for a retry with this same agent is
+-- assigned, since the retry would only repeat this call.
+create function allocator.confirm(attempt bigint, service bigint default null)
+returns boolean
+language plpgsql
+as $$
+declare
+  s allocator.sessions := allocator.current_reservation(attempt, maybe_landed => true, service => service);
+begin
+  perform allocator.qiscus_answered();
+  if s.id is null then
+    update allocator.attempts set outcome = 'stale', finished_at = now()
+    where id = attempt and outcome is null;
+    select q.* into s from allocator.sessions q
+    join allocator.attempts a on a.session_id = q.id and a.id = attempt
+    where q.state = 'waiting' and q.holds_slot and q.agent_id = a.agent_id
+    for no key update of q;
+    if s.id is null then
+      return false;
+    end if;
+  else
+    update allocator.attempts set finished_at = now(), outcome = 'assigned' where id = attempt;
+  end if;
+  update allocator.sessions
+  set state = 'assigned', assigned_at = now(), updated_at = now(), lease_expires_at = null, attempt_id = null,
+      owner = null, holds_slot = false, uncertain = false, service_id = coalesce(service, service_id),
+      last_error = null
+  where id = s.id;
+  return true;
+end;
+$$;
+
+-- Backoff before retry number n+1: base * 2^(n-1), capped, with "equal jitter" (between half and all of it) so
+-- that rooms failed together do not come back together.
+create function allocator.backoff(attempts integer)
+returns interval
+language sql volatile
+as $$
+  select make_interval(secs =>
+    least(allocator.retry_max_seconds(),
+          allocator.retry_base_seconds() * power(2, least(greatest(attempts - 1, 0), 30)))
+    * (0.5 + random() / 2));
+$$;
+
+-- Shared end of every unsuccessful reservation: the room goes back to its place in the queue (queued_at is
+-- kept), or to failed when it has used up its attempts or every agent refused it.
+-- `hold`: Qiscus may have made the assignment anyway (timeout, 5xx, lease expired mid-call). The agent's slot is
+-- then kept for the room and the retry goes to the same agent, so the agent is never given a room in a slot that
+-- may really be taken, and the room never gets a second agent. Otherwise the slot is freed. Once uncertain, a room
+-- stays held through later failures (a 429 on the retry says nothing about the first call) until it is confirmed,
+-- resolved, refused by that agent, or that agent goes offline.
+create function allocator.requeue(s allocator.sessions, attempt bigint, how text, reason text, not_before timestamptz,
+                                  exclude bigint default null, count_attempt boolean default true,
+                                  hold boolean default false)
+returns text
+language plpgsql
+as $$
+declare
+  excluded bigint[] := case when exclude is null then s.excluded_agents
+                            else array_append(array_remove(s.excluded_agents, exclude), exclude) end;
+  tries    integer  := s.attempts - case when count_attempt then 0 else 1 end;
+  keep     boolean  := (hold or s.uncertain) and exclude is null;
+  give_up  text;
+begin
+  update allocator.attempts set finished_at = now(), outcome = how, error = reason where id = attempt;
+
+  if tries >= allocator.max_attempts() then
+    give_up := format('gave up after %s attempts; last error: %s', tries, reason);
+  elsif cardinality(excluded) > 0
+        and not exists (select 1 from allocator.agents a
+                        where a.type = 'agent' and a.present and a.id <> all (excluded)) then
+    give_up := format('refused by every agent; last error: %s', reason);
+  end if;
+
+  if give_up is not null or not keep then
+    perform allocator.free_slot(s.agent_id);
+  end if;
+
+  update allocator.sessions
+  set state = case when give_up is null then 'waiting' else 'failed' end::allocator.session_state,
+      failed_at = case when give_up is null then null else now() end,
+      holds_slot = give_up is null and keep,
+      uncertain = give_up is null and keep,
+      last_error = coalesce(give_up, reason),
+      attempts = tries,
+      excluded_agents = excluded,
+      -- a refused agent is not "the agent the call may have reached": nothing to repeat
+      last_agent_id = case when exclude is null then s.agent_id end,
+      next_attempt_at = not_before,
+      attempt_id = null, lease_expires_at = null, owner = null, updated_at = now()
+  where id = s.id;
+  return case when give_up is null then 'waiting' else 'failed' end;
+end;
+$$;
+
+-- Qiscus failed in a way worth retrying (5xx, 429, timeout, network). The room keeps its place and is not
+-- retried before its backoff (or Qiscus's Retry-After, whichever is later). The agent's slot is freed meanwhile,
+-- unless `maybe_assigned`: the call may have gone through (a timeout, a 5xx), so the slot stays held and the
+-- retry goes to the same agent (see requeue). While Qiscus is down for everyone (10-qiscus-health.sql) the
+-- failure is not the room's: no attempt is spent and no backoff grows; the probe paces the calls instead.
+-- Returns the session's new state ('waiting' or 'failed'), or null when the reservation was stale.
+create function allocator.fail_transient(attempt bigint, reason text, retry_after_seconds integer default null,
+                                         maybe_assigned boolean default false)
+returns text
+language plpgsql
+as $$
+declare
+  s    allocator.sessions := allocator.current_reservation(attempt, maybe_assigned);
+  down boolean;
+begin
+  if s.id is null then
+    return null;
+  end if;
+  down := allocator.qiscus_failed(attempt, retry_after_seconds);
+  if down then
+    return allocator.requeue(s, attempt, 'transient', reason, now(), count_attempt => false, hold => maybe_assigned);
+  end if;
+  return allocator.requeue(s, attempt, 'transient', reason,
+    now() + greatest(allocator.backoff(s.attempts), make_interval(secs => coalesce(retry_after_seconds, 0))),
+    hold => maybe_assigned);
+end;
+$$;
+
+-- Qiscus refused this agent for this room (a 4xx): the room never goes to that agent again and may go to
+-- another one at once.
+create function allocator.fail_for_agent(attempt bigint, reason text)
+returns text
+language plpgsql
+as $$
+declare
+  s allocator.sessions := allocator.current_reservation(attempt, maybe_landed => false);
+begin
+  perform allocator.qiscus_answered();
+  if s.id is null then
+    return null;
+  end if;
+  return allocator.requeue(s, attempt, 'refused', reason, now(), exclude => s.agent_id);
+end;
+$$;
+
+-- Hands a reservation back without counting it as an attempt: the listener is shutting down, or Qiscus rejected
+-- our credentials (not the room's fault). The room may be retried after `delay_seconds`. `maybe_assigned` as in
+-- fail_transient (a call cut short at shutdown may have reached Qiscus).
+create function allocator.release_reservation(attempt bigint, reason text, delay_seconds integer default 0,
+                                              maybe_assigned boolean default false)
+returns text
+language plpgsql
+as $$
+declare
+  s allocator.sessions := allocator.current_reservation(attempt, maybe_assigned);
+begin
+  if s.id is null then
+    return null;
+  end if;
+  return allocator.requeue(s, attempt, 'released', reason, now() + make_interval(secs => delay_seconds),
+                           count_attempt => false, hold => maybe_assigned);
+end;
+$$;

@@ -1,0 +1,87 @@
+--------------------------------------------------------------------------------------------------------------------
+-- Roster: Qiscus's list of agents, pulled by the listeners, is the truth about who is online and how many rooms
+-- each holds.
+--------------------------------------------------------------------------------------------------------------------
+
+-- The count of rooms an agent holds that we did not assign, after a pull that found `by_hand` of them (Qiscus's
+-- count less our rooms it surely counted, see sync_agents).
+-- - A room whose assign call may have landed (settle_resolved_in_flight) is counted until a pull that started
+--   after the call ended: until then the count may only rise.
+-- - Otherwise the count rises at once but falls only as far as two pulls in a row agree. One pull can
+--   undercount: a room Qiscus resolved a moment before the pull, whose resolution webhook we have not stored yet,
+--   is still ours here and absent there, so a momentary dip must not let the agent be given one room too many.
+create function allocator.external_after_pull(a allocator.agents, by_hand integer, started_at timestamptz)
+returns integer
+language sql stable
+as $$
+  select greatest(by_hand, least(a.external_load, a.external_seen),
+                  case when a.external_hold_until >= started_at then a.external_load else 0 end)
+$$;
+
+-- Applies one pull of Qiscus's agent list (the `data.agents` objects of every page, as one jsonb array).
+-- `started_at` is when the pull began: our assignments confirmed before it are surely in Qiscus's counts, so
+--   external_load = current_customer_count - our rooms that Qiscus already counted
+-- is the number of rooms assigned by hand. Rooms we assigned during the pull are not subtracted (they may be
+-- counted twice until the next sync: too careful, never too loose); rooms we saw resolved during the pull are
+-- subtracted (Qiscus resolves before it tells us). See external_after_pull for how the count may fall.
+-- With `complete` (every page was read) agents missing from the list are marked as no longer present.
+create function allocator.sync_agents(roster jsonb, started_at timestamptz, complete boolean default true)
+returns integer
+language plpgsql
+as $$
+declare
+  n integer;
+begin
+  with incoming as (
+    select allocator.json_bigint(a -> 'id')                     as id,
+           coalesce(a ->> 'name', '')                           as name,
+           a ->> 'email'                                        as email,
+           coalesce(a ->> 'type_as_string', 'agent')            as type,
+           coalesce(a -> 'is_available' = 'true', false)          as is_available,
+           coalesce(a -> 'force_offline' = 'true', false)         as force_offline,
+           least(greatest(coalesce(allocator.json_bigint(a -> 'current_customer_count'), 0), 0), 100000)::integer
+                                                                  as qiscus_load
+    from jsonb_array_elements(roster) a
+    where allocator.json_bigint(a -> 'id') is not null
+  ),
+  ours as (
+    select s.agent_id, count(*)::integer as counted
+    from allocator.sessions s
+    where s.agent_id in (select id from incoming)
+      and s.assigned_at < started_at
+      and (s.state = 'assigned' or (s.state = 'resolved' and s.resolved_at >= started_at))
+    group by s.agent_id
+  ),
+  pulled as (
+    select i.*, greatest(i.qiscus_load - coalesce(o.counted, 0), 0) as by_hand
+    from incoming i left join ours o on o.agent_id = i.id
+  )
+  insert into allocator.agents as a (id, name, email, type, is_available, force_offline, present, qiscus_load,
+                                     external_load, external_seen, synced_at)
+  select p.id, p.name, p.email, p.type, p.is_available, p.force_offline, true, p.qiscus_load, p.by_hand, p.by_hand,
+         now()
+  from pulled p
+  on conflict (id) do update
+  set name = excluded.name, email = excluded.email, type = excluded.type, is_available = excluded.is_available,
+      force_offline = excluded.force_offline, present = true, qiscus_load = excluded.qiscus_load,
+      external_load = allocator.external_after_pull(a, excluded.external_seen, started_at),
+      external_seen = excluded.external_seen,
+      synced_at = excluded.synced_at
+  -- skip rewriting unchanged rows: no dead tuples and no wake-ups every sync
+  where (a.name, a.email, a.type, a.is_available, a.force_offline, a.present, a.qiscus_load, a.external_load,
+         a.external_seen)
+        is distinct from
+        (excluded.name, excluded.email, excluded.type, excluded.is_available, excluded.force_offline, true,
+         excluded.qiscus_load, allocator.external_after_pull(a, excluded.external_seen, started_at),
+         excluded.external_seen);
+  get diagnostics n = row_count;
+
+  if complete then
+    update allocator.agents a set present = false, synced_at = now()
+    where a.present
+      and a.id not in (select allocator.json_bigint(x -> 'id') from jsonb_array_elements(roster) x
+                       where allocator.json_bigint(x -> 'id') is not null);
+  end if;
+  return n;
+end;
+$$;

@@ -1,0 +1,161 @@
+--------------------------------------------------------------------------------------------------------------------
+-- Views for people (psql, the dashboard, metrics), and the invariant check. Live views read only the open rows
+-- (partial indexes); history views read recent windows through timestamp indexes, so they stay cheap with millions
+-- of past sessions.
+--------------------------------------------------------------------------------------------------------------------
+
+-- Agents that may take one more room right now.
+create view allocator.eligible_agents as
+  select a.*
+  from allocator.agents a
+  where a.accepting and a.total_load < allocator.capacity(a.max_load);
+comment on view allocator.eligible_agents is 'Agents online, not paused, and below capacity: who can take a room now.';
+
+-- The waiting rooms in the order they will be served.
+create view allocator.queue as
+  select s.room_id,
+         row_number() over (order by s.priority desc, s.queued_at, s.id) as position,
+         now() - s.queued_at as waited,
+         s.attempts,
+         s.last_error,
+         s.next_attempt_at,
+         s.priority,
+         s.source,
+         case when s.holds_slot then s.agent_id end as retry_agent_id,
+         s.id as session_id
+  from allocator.sessions s
+  where s.state = 'waiting'
+  order by position;
+comment on view allocator.queue is 'Waiting rooms in serving order. next_attempt_at in the future means backing off.';
+
+-- Per agent: can it take rooms, how many it holds, how many it may hold.
+create view allocator.agent_load as
+  select a.id,
+         a.name,
+         a.accepting as available,
+         a.total_load as load,
+         allocator.capacity(a.max_load) as capacity,
+         a.our_load,
+         a.external_load,
+         a.qiscus_load,
+         a.paused,
+         a.last_assigned_at
+  from allocator.agents a
+  order by a.id;
+comment on view allocator.agent_load is 'Per agent: available (online, not paused), load (ours + assigned by hand), capacity.';
+
+-- Listeners alive now (each holds its advisory lock), with the reservations in their hands.
+create view allocator.listeners as
+  select l.objid::integer as id,
+         p.pid,
+         p.client_addr,
+         p.backend_start as connected_at,
+         (select count(*) from allocator.sessions s where s.owner = l.objid::integer and s.lease_expires_at is not null)
+           as calls_in_flight
+  from pg_locks l
+  join pg_stat_activity p on p.pid = l.pid
+  where l.locktype = 'advisory' and l.classid = 1365 and l.objsubid = 2 and l.granted and l.mode = 'ExclusiveLock'
+    and l.database = (select oid from pg_database where datname = current_database());
+comment on view allocator.listeners is 'Listener processes connected now, and how many assign calls each has in flight.';
+
+-- Is Qiscus answering? (see 09-qiscus-health.sql)
+create view allocator.qiscus_status as
+  select case when h.down_since is null then 'up' else 'down' end as status,
+         h.down_since, now() - h.down_since as down_for, h.probe_at as next_probe_at, h.calls_while_down,
+         h.changed_at
+  from allocator.qiscus_health h;
+comment on view allocator.qiscus_status is 'Qiscus up, or down since when (then rooms wait without spending attempts).';
+
+-- Health check for tests and for a worried DBA: every row here is a broken invariant. Empty means healthy.
+create function allocator.check_invariants()
+returns table (problem text, detail text)
+language sql stable
+as $$
+  select 'load counter differs from open sessions',
+         format('agent %s: our_load %s, open sessions %s', a.id, a.our_load, coalesce(c.n, 0))
+  from allocator.agents a
+  left join (select s.agent_id, count(*) as n from allocator.sessions s
+             where s.state in ('reserved', 'assigned') or s.holds_slot
+                or (s.state = 'resolved' and s.attempt_id is not null)
+             group by s.agent_id) c on c.agent_id = a.id
+  where a.our_load <> coalesce(c.n, 0)
+  union all
+  select 'room with more than one open session', format('room %s: %s open', s.room_id, count(*))
+  from allocator.sessions s
+  where s.state in ('waiting', 'reserved', 'assigned')
+  group by s.room_id
+  having count(*) > 1;
+$$;
+
+-- One row: the state of the contact centre right now.
+create view allocator.stats_live as
+  select
+    (select count(*) from allocator.sessions where state = 'waiting')                    as waiting,
+    (select count(*) from allocator.sessions where state = 'waiting' and next_attempt_at > now())
+                                                                                         as backing_off,
+    (select room_id from allocator.sessions where state = 'waiting' order by queued_at, id limit 1)
+                                                                                         as oldest_room_id,
+    (select now() - min(queued_at) from allocator.sessions where state = 'waiting')      as oldest_wait,
+    (select count(*) from allocator.sessions where state = 'reserved')                   as assigning,
+    (select count(*) from allocator.sessions where state = 'assigned')                   as assigned_open,
+    (select count(*) from allocator.eligible_agents)                                     as agents_free,
+    (select count(*) from allocator.agents where accepting and total_load >= allocator.capacity(max_load)) as agents_full,
+    (select count(*) from allocator.agents g
+      where not g.accepting and g.type = 'agent' and g.present)                          as agents_offline,
+    (select coalesce(sum(capacity), 0) from allocator.agent_load where available)        as capacity_online,
+    (select coalesce(sum(load), 0) from allocator.agent_load where available)            as load_online;
+comment on view allocator.stats_live is 'Now: rooms waiting and the oldest, assignments in flight, agents free/full/offline.';
+
+-- Time from arrival to assignment (p50, p90) over the last hour and the last day.
+create view allocator.stats_time_to_assign as
+  select w.label as period,
+         count(s.id) as assigned,
+         percentile_cont(0.5) within group (order by s.assigned_at - s.queued_at) as p50,
+         percentile_cont(0.9) within group (order by s.assigned_at - s.queued_at) as p90,
+         max(s.assigned_at - s.queued_at) as max
+  from (values ('last hour', interval '1 hour'), ('last day', interval '1 day')) w(label, span)
+  left join allocator.sessions s on s.assigned_at >= now() - w.span
+  group by w.label, w.span
+  order by w.span;
+comment on view allocator.stats_time_to_assign is 'Time to assign, p50 and p90, over the last hour and day.';
+
+-- Rooms each agent was given today (server time zone; `set time zone` in psql to change "today").
+create view allocator.stats_agents_today as
+  select a.id, a.name, count(s.id) as assigned_today,
+         count(s.id) filter (where s.state = 'resolved') as resolved_today,
+         a.total_load as load_now
+  from allocator.agents a
+  left join allocator.sessions s on s.agent_id = a.id and s.assigned_at >= date_trunc('day', now())
+  where a.type = 'agent'
+  group by a.id
+  order by assigned_today desc, a.id;
+comment on view allocator.stats_agents_today is 'Assignments per agent since midnight.';
+
+-- Reservations that did not end in an assignment over the last day, by outcome and reason.
+create view allocator.stats_failures as
+  select a.outcome, a.error, count(*) as times, count(distinct a.session_id) as rooms, max(a.finished_at) as last_seen
+  from allocator.attempts a
+  where a.finished_at >= now() - interval '1 day' and a.outcome <> 'assigned'
+  group by a.outcome, a.error
+  order by times desc;
+comment on view allocator.stats_failures is 'Failed reservations in the last day, by outcome (transient, refused, '
+  'expired, released, stale, resolved) and error.';
+
+-- How long rooms wait: rooms assigned in the last day by time to assign, and rooms waiting now by time so far.
+create view allocator.stats_wait_buckets as
+  with buckets(bucket, lo, hi) as (
+    values ('< 10 s', interval '0', interval '10 seconds'),
+           ('10-30 s', interval '10 seconds', interval '30 seconds'),
+           ('30 s - 1 min', interval '30 seconds', interval '1 minute'),
+           ('1-5 min', interval '1 minute', interval '5 minutes'),
+           ('5-15 min', interval '5 minutes', interval '15 minutes'),
+           ('> 15 min', interval '15 minutes', interval '100 years'))
+  select b.bucket,
+         (select count(*) from allocator.sessions s
+           where s.assigned_at >= now() - interval '1 day'
+             and s.assigned_at - s.queued_at >= b.lo and s.assigned_at - s.queued_at < b.hi) as assigned_last_day,
+         (select count(*) from allocator.sessions s
+           where s.state = 'waiting' and now() - s.queued_at >= b.lo and now() - s.queued_at < b.hi) as waiting_now
+  from buckets b
+  order by b.lo;
+comment on view allocator.stats_wait_buckets is 'Waiting-time histogram: assigned in the last day, and waiting now.';
