@@ -1,0 +1,168 @@
+/**
+ * Liveness in the SQL core: a dead listener's reservations come back at once (not at the end of the lease), a
+ * resolution during a call is settled by evidence (who resolved it, which service the answer names, the next
+ * roster pull), and an outage of Qiscus spends no attempts and lets one probe out per interval.
+ */
+import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import type pg from 'pg';
+import { createTestDatabase, type TestDatabase } from '../support/db.ts';
+import { resolvedRequest } from '../support/fixtures.ts';
+import { addAgents, confirm, invariants, loads, queue, sessionOf, setting } from '../support/sql.ts';
+
+let db: TestDatabase;
+beforeAll(async () => {
+  db = await createTestDatabase();
+});
+afterAll(async () => {
+  await db.drop();
+});
+beforeEach(async () => {
+  await db.pool.query(`truncate allocator.agents, allocator.sessions, allocator.attempts, allocator.webhooks cascade`);
+  await db.pool.query(`update allocator.settings s set value = d.value from allocator.setting_defaults() d where s.key = d.key`);
+  await db.pool.query(`update allocator.qiscus_health set down_since = null, probe_at = null, calls_while_down = 0`);
+});
+afterEach(async () => {
+  expect(await invariants(db.pool)).toEqual([]);
+});
+
+/** A listener's presence: its own connection holding the advisory lock of a fresh id. */
+async function listener(): Promise<{ id: number; client: pg.Client }> {
+  const client = await db.client();
+  const id = (await client.query(`select nextval('allocator.listener_ids')::int as id`)).rows[0].id;
+  await client.query(`select pg_advisory_lock(1365, $1)`, [id]);
+  return { id, client };
+}
+
+async function reserveAs(owner: number | null) {
+  return (await db.pool.query(`select * from allocator.reserve($1)`, [owner])).rows[0];
+}
+
+const rescueAbandoned = async () => (await db.pool.query(`select allocator.rescue_abandoned() as n`)).rows[0].n;
+
+describe('a dead listener', () => {
+  it("is seen at once: its reservations go back, holding their agents' slots, while a live one's stay", async () => {
+    await addAgents(db.pool, [1, 2]);
+    await queue(db.pool, 'a');
+    await queue(db.pool, 'b');
+    const alive = await listener();
+    const dying = await listener();
+    const ra = await reserveAs(alive.id);
+    const rb = await reserveAs(dying.id);
+    expect(await rescueAbandoned()).toBe(0);
+    const seen = await db.pool.query(`select id, calls_in_flight::int as n from allocator.listeners order by id`);
+    expect(seen.rows).toEqual([{ id: alive.id, n: 1 }, { id: dying.id, n: 1 }]);
+
+    await dying.client.end(); // kill -9 or a lost machine: the connection goes, and PostgreSQL drops the lock
+    expect(await rescueAbandoned()).toBe(1);
+    expect(await sessionOf(db.pool, 'b')).toMatchObject({ state: 'waiting', holds_slot: true, agent_id: rb.agent_id });
+    expect(await sessionOf(db.pool, 'a')).toMatchObject({ state: 'reserved' });
+    // the retry goes to the same agent at once (the dead listener's call may have landed)
+    const retry = await reserveAs(alive.id);
+    expect(retry).toMatchObject({ room_id: 'b', agent_id: rb.agent_id, attempt: 2 });
+    const outcome = await db.pool.query(`select outcome from allocator.attempts where id = $1`, [rb.attempt_id]);
+    expect(outcome.rows[0].outcome).toBe('abandoned');
+    await confirm(db.pool, ra.attempt_id);
+    await confirm(db.pool, retry.attempt_id);
+  });
+
+  it('a room resolved while the dead listener called counts on its agent until the next roster pull', async () => {
+    await addAgents(db.pool, [1]);
+    await queue(db.pool, 'a');
+    const dying = await listener();
+    await reserveAs(dying.id);
+    await db.pool.query(`select * from allocator.accept_close_request($1::jsonb)`, [resolvedRequest('a', 5)]);
+    await dying.client.end();
+    expect(await rescueAbandoned()).toBe(1);
+    const a = await db.pool.query(`select our_load, external_load from allocator.agents`);
+    expect(a.rows[0]).toEqual({ our_load: 0, external_load: 1 });
+    const roster = JSON.stringify([{ id: 1, is_available: true, current_customer_count: 0, type_as_string: 'agent' }]);
+    await db.pool.query(`select allocator.sync_agents($1, now())`, [roster]);
+    expect((await loads(db.pool))['1']).toBe(0);
+  });
+});
+
+describe('a resolution while the assign call is in flight', () => {
+  const closeBy = (room: string, service: number, by: number) =>
+    db.pool.query(`select * from allocator.accept_close_request($1::jsonb)`, [
+      { ...resolvedRequest(room, service), resolved_by: { id: by, type: 'agent' } },
+    ]);
+
+  it('frees the slot at once when the reserved agent resolved it (the assignment landed first)', async () => {
+    await addAgents(db.pool, [7], { max_load: 1 });
+    await queue(db.pool, 'a');
+    await queue(db.pool, 'b');
+    const r = await reserveAs(null);
+    await closeBy('a', 11, 7);
+    expect((await loads(db.pool))['7']).toBe(0);
+    const next = await reserveAs(null); // b gets agent 7 now, before a's call reports
+    expect(next).toMatchObject({ room_id: 'b', agent_id: '7' });
+    expect(await confirm(db.pool, r.attempt_id, 11)).toBe(false); // a's late answer changes nothing
+    expect((await loads(db.pool))['7']).toBe(1);
+    await confirm(db.pool, next.attempt_id);
+  });
+
+  it("frees the slot when the answer names the resolved service; counts it until the next pull when not", async () => {
+    await addAgents(db.pool, [1, 2]);
+    await queue(db.pool, 'a');
+    await queue(db.pool, 'b');
+    const ra = await reserveAs(null);
+    const rb = await reserveAs(null);
+    await closeBy('a', 21, 999); // resolved by an admin
+    await closeBy('b', 22, 999);
+    expect(await confirm(db.pool, ra.attempt_id, 21)).toBe(false); // landed, then resolved: free
+    expect(await confirm(db.pool, rb.attempt_id, 23)).toBe(false); // a new service: the agent may hold it
+    expect(await loads(db.pool)).toEqual({ [ra.agent_id]: 0, [rb.agent_id]: 1 });
+  });
+});
+
+describe('an outage of Qiscus', () => {
+  async function failAll(n: number) {
+    for (let i = 0; i < n; i++) {
+      const r = await reserveAs(null);
+      if (!r) return i;
+      await db.pool.query(`select allocator.fail_transient($1, 'HTTP 503', null, false)`, [r.attempt_id]);
+    }
+    return n;
+  }
+
+  it('is declared after 5 failures in a row over 2+ rooms: no attempt spent, one probe a second, all due on return', async () => {
+    await addAgents(db.pool, [1, 2, 3]);
+    for (const room of ['a', 'b', 'c', 'd', 'e', 'f']) await queue(db.pool, room);
+    expect(await failAll(5)).toBe(5);
+    const status = await db.pool.query(`select status from allocator.qiscus_status`);
+    expect(status.rows[0].status).toBe('down');
+    // nobody has spent an attempt, and nobody waits for a backoff
+    const s = await db.pool.query(`select count(*)::int as n from allocator.sessions where attempts > 0 or next_attempt_at > now()`);
+    expect(s.rows[0].n).toBe(0);
+    // the first probe is a second away
+    expect(await reserveAs(null)).toBeUndefined();
+    await db.pool.query(`update allocator.qiscus_health set probe_at = now()`);
+    const probe = await reserveAs(null);
+    expect(probe).toBeDefined();
+    expect(await reserveAs(null)).toBeUndefined(); // one probe per interval, whoever asks
+    await db.pool.query(`select allocator.fail_transient($1, 'HTTP 503', null, false)`, [probe.attempt_id]);
+    expect((await sessionOf(db.pool, probe.room_id)).attempts).toBe(0);
+    await db.pool.query(`update allocator.qiscus_health set probe_at = now()`);
+    const next = await reserveAs(null);
+    expect(await confirm(db.pool, next.attempt_id)).toBe(true); // Qiscus answers: up again
+    expect((await db.pool.query(`select status, calls_while_down from allocator.qiscus_status`)).rows[0]).toEqual({
+      status: 'up', calls_while_down: 2,
+    });
+    // every room is served at once
+    const served = [];
+    for (let r = await reserveAs(null); r; r = await reserveAs(null)) served.push(r.room_id);
+    expect(served.sort()).toEqual(['a', 'b', 'c', 'd', 'e', 'f'].filter((x) => x !== next.room_id)); // 6 slots, 6 rooms
+  });
+
+  it("is not declared for one room's own trouble: its attempts and backoff count", async () => {
+    await addAgents(db.pool, [1]);
+    await queue(db.pool, 'a');
+    await setting(db.pool, 'retry_base_seconds', '0');
+    for (let i = 0; i < 5; i++) {
+      const r = await reserveAs(null);
+      await db.pool.query(`select allocator.fail_transient($1, 'HTTP 500', null, false)`, [r.attempt_id]);
+    }
+    expect((await db.pool.query(`select status from allocator.qiscus_status`)).rows[0].status).toBe('up');
+    expect((await sessionOf(db.pool, 'a')).attempts).toBe(5);
+  });
+});
