@@ -225,6 +225,7 @@ export class Harness {
     this.model.tick();
     await this.execute(cmd);
     await this.compare();
+    await this.checkLiveness();
     if (process.env.MODEL_TRACE) console.log(`${this.step} ${format(cmd)}\n    ${this.describe()}`);
   }
 
@@ -399,6 +400,45 @@ export class Harness {
   }
 
   /** The database agrees with the model, and the service's invariants hold. */
+  /**
+   * Liveness (the SPEC's invariant 7), after every step: whenever a room is waiting and due, and an agent that may
+   * serve it has a free slot by Qiscus's count (ours + by hand, as of the last roster pull), a reservation must
+   * come out now, not after some lease, hold or poll. reserve() is called in a transaction that is rolled back,
+   * so the check changes nothing.
+   */
+  private async checkLiveness(): Promise<void> {
+    const m = this.model;
+    const agents = [...m.agents.values()];
+    const waiting = m.queue().filter((s) => m.due(s));
+    const pair = waiting
+      .flatMap((s) => {
+        if (s.holdsSlot) return m.online(m.agents.get(s.agentId!)) ? [{ s, a: s.agentId! }] : [];
+        const last = s.lastAgentId === null ? undefined : m.agents.get(s.lastAgentId);
+        return agents
+          .filter((a) => m.eligible(a) && !s.excluded.includes(a.id))
+          .filter((a) => s.lastAgentId === null || a.id === s.lastAgentId || !m.eligible(last))
+          .map((a) => ({ s, a: a.id }));
+      })
+      .at(0);
+    if (!pair) return;
+    const c = this.db as pg.ClientBase;
+    // a rolled-back insert still uses up an id: put the attempts' sequence back, so later ids match the model
+    const seq = (await c.query(`select pg_get_serial_sequence('allocator.attempts', 'id') as s`)).rows[0].s;
+    const last = (await c.query(`select last_value, is_called from ${seq}`)).rows[0];
+    await c.query('begin');
+    try {
+      const row = (await c.query(`select room_id from allocator.reserve()`)).rows[0];
+      if (!row) {
+        this.fail(`liveness: room ${pair.s.room} waits while agent ${pair.a} may serve it, but reserve() gave nothing`,
+          null, { room: pair.s.room, agent: pair.a, loads: this.describe() });
+      }
+    } finally {
+      await c.query('rollback');
+      await c.query(`select setval($1, $2, $3)`, [seq, last.last_value, last.is_called]);
+    }
+    this.count('liveness:checked');
+  }
+
   async compare(): Promise<void> {
     const m = this.model;
     const results = (await this.db.query(`
