@@ -141,3 +141,32 @@ create trigger notify_room_waiting
   after insert or update of state, next_attempt_at on allocator.sessions
   for each row when (new.state = 'waiting' and new.next_attempt_at <= now())
   execute function allocator.notify('room');
+
+-- Many allocation webhooks in one round trip: the web app's group commit (the webhooks that arrived while its
+-- previous call ran). `requests` is a JSON array of {"payload": {...}, "request_id": "..."}; each is applied by
+-- accept_new_request in order, in a subtransaction of its own, so that one that fails (odd data that got past
+-- validation) affects no other: its row carries the error (error_code, error) instead. All commit together, so
+-- each webhook is still answered only once its row is committed. The caller orders the batch by room (rooms are
+-- locked in that order: two batches cannot deadlock).
+create function allocator.accept_new_requests(requests jsonb)
+returns table (ord integer, outcome text, session_id bigint, webhook_id bigint, error_code text, error text)
+language plpgsql
+as $$
+declare
+  r jsonb;
+begin
+  ord := 0;
+  for r in select x from jsonb_array_elements(requests) x loop
+    ord := ord + 1;
+    outcome := null; session_id := null; webhook_id := null; error_code := null; error := null;
+    begin
+      select a.outcome, a.session_id, a.webhook_id into outcome, session_id, webhook_id
+      from allocator.accept_new_request(r -> 'payload', r ->> 'request_id') a;
+    exception when others then
+      error_code := sqlstate;
+      error := sqlerrm;
+    end;
+    return next;
+  end loop;
+end;
+$$;

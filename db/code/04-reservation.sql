@@ -27,14 +27,45 @@ begin
 end;
 $$;
 
--- Reserves the next assignment: the best free agent (agent_preference) and the oldest waiting room that can take
--- it. Agent first, then room: concurrent callers each lock a different agent (SKIP LOCKED) and then each take the
+-- Reserves up to `batch` assignments in one round trip, for listener `owner` (see listener_alive: if that listener
+-- dies, its reservations are rescued at once instead of at the end of the lease). Returns no row when nothing can
+-- be assigned now. The caller then calls Qiscus for each and reports back (confirm, fail_*, release_reservation;
+-- or report() for many) before the lease ends.
+create function allocator.reserve(owner integer default null, batch integer default 1)
+returns table (attempt_id bigint, session_id bigint, room_id text, agent_id bigint, attempt integer,
+               lease_expires_at timestamptz)
+language plpgsql
+as $$
+declare
+  taken integer := 0;
+  got   integer;
+begin
+  -- The usual idle state (nothing due) answers from one probe of sessions_due. Written as min(), not EXISTS:
+  -- with a long queue the planner would turn the EXISTS into a sequential scan that reads the whole history.
+  if coalesce((select min(q.next_attempt_at) from allocator.sessions q where q.state = 'waiting') > now(), true) then
+    return;
+  end if;
+  -- While Qiscus is down, only its probe goes out: one call (see 09-qiscus-health.sql).
+  if not allocator.may_call_qiscus() then
+    return;
+  end if;
+  if exists (select from allocator.qiscus_health h where h.down_since is not null) then
+    batch := 1;
+  end if;
+  while taken < batch loop
+    return query select * from allocator.reserve_next(owner);
+    get diagnostics got = row_count;
+    exit when got = 0;
+    taken := taken + 1;
+  end loop;
+end;
+$$;
+
+-- The next assignment: the best free agent (agent_preference) and the oldest waiting room that can take it.
+-- Agent first, then room: concurrent callers each lock a different agent (SKIP LOCKED) and then each take the
 -- oldest room nobody else holds, so rooms leave the queue in arrival order even under contention, and a caller
--- that finds no free agent returns at once without touching the queue. Returns no row when nothing can be
--- assigned now. The caller then calls Qiscus and reports back (confirm, fail_*, release_reservation) before the
--- lease ends. `owner` is the caller's listener id (see listener_alive): if that listener dies, its reservations
--- are rescued at once instead of at the end of the lease.
-create function allocator.reserve(owner integer default null)
+-- that finds no free agent returns at once without touching the queue. No row when nothing can be assigned now.
+create function allocator.reserve_next(owner integer)
 returns table (attempt_id bigint, session_id bigint, room_id text, agent_id bigint, attempt integer,
                lease_expires_at timestamptz)
 language plpgsql
@@ -44,16 +75,6 @@ declare
   candidate  bigint;
   s          allocator.sessions;
 begin
-  -- The usual idle state (nothing due) answers from one probe of sessions_due. Written as min(), not EXISTS:
-  -- with a long queue the planner would turn the EXISTS into a sequential scan that reads the whole history.
-  if coalesce((select min(q.next_attempt_at) from allocator.sessions q where q.state = 'waiting') > now(), true) then
-    return;
-  end if;
-  -- While Qiscus is down, only its probe goes out (see 10-qiscus-health.sql).
-  if not allocator.may_call_qiscus() then
-    return;
-  end if;
-
   -- A room holding a slot goes back to its agent first: no slot to find, and the repeat is harmless if the
   -- earlier call did reach Qiscus. The agent need only be online, not accepting: a paused agent keeps the retry
   -- of a room it may already have. If that agent went offline or vanished, the slot is let go and the room

@@ -165,7 +165,7 @@ $$;
 -- Qiscus failed in a way worth retrying (5xx, 429, timeout, network). The room keeps its place and is not
 -- retried before its backoff (or Qiscus's Retry-After, whichever is later). The agent's slot is freed meanwhile,
 -- unless `maybe_assigned`: the call may have gone through (a timeout, a 5xx), so the slot stays held and the
--- retry goes to the same agent (see requeue). While Qiscus is down for everyone (10-qiscus-health.sql) the
+-- retry goes to the same agent (see requeue). While Qiscus is down for everyone (09-qiscus-health.sql) the
 -- failure is not the room's: no attempt is spent and no backoff grows; the probe paces the calls instead.
 -- Returns the session's new state ('waiting' or 'failed'), or null when the reservation was stale.
 create function allocator.fail_transient(attempt bigint, reason text, retry_after_seconds integer default null,
@@ -223,5 +223,51 @@ begin
   end if;
   return allocator.requeue(s, attempt, 'released', reason, now() + make_interval(secs => delay_seconds),
                            count_attempt => false, hold => maybe_assigned);
+end;
+$$;
+
+-- Many outcomes in one round trip: `outcomes` is a JSON array of
+--   {"attempt": 1, "outcome": "assigned", "service": 115830999}
+--   {"attempt": 2, "outcome": "transient", "reason": "HTTP 503", "retry_after": 3, "maybe_assigned": true}
+--   {"attempt": 3, "outcome": "refused", "reason": "HTTP 400 ..."}
+--   {"attempt": 4, "outcome": "released", "reason": "...", "delay": 30, "maybe_assigned": false}
+-- each applied by the function of its kind above, all in one transaction. Returns each attempt with the result of
+-- its function as text (confirm: true/false; the others: the room's new state, null when stale).
+-- Locks are taken in one order (the rooms by id, then their agents by id, as everyone else does: room, then
+-- agent), so two batches, or a batch and a webhook, cannot deadlock over agents they share.
+create function allocator.report(outcomes jsonb)
+returns table (attempt_id bigint, result text)
+language plpgsql
+as $$
+declare
+  o jsonb;
+begin
+  perform from allocator.sessions s
+  where s.id in (select a.session_id from allocator.attempts a
+                 where a.id in (select (x ->> 'attempt')::bigint from jsonb_array_elements(outcomes) x))
+  order by s.id
+  for no key update of s;
+  perform from allocator.agents g
+  where g.id in (select a.agent_id from allocator.attempts a
+                 where a.id in (select (x ->> 'attempt')::bigint from jsonb_array_elements(outcomes) x))
+  order by g.id
+  for no key update of g;
+
+  for o in select x from jsonb_array_elements(outcomes) x loop
+    attempt_id := (o ->> 'attempt')::bigint;
+    result := case o ->> 'outcome'
+      when 'assigned' then allocator.confirm(attempt_id, (o ->> 'service')::bigint)::text
+      when 'transient' then allocator.fail_transient(attempt_id, o ->> 'reason', (o ->> 'retry_after')::integer,
+                                                      coalesce((o ->> 'maybe_assigned')::boolean, false))
+      when 'refused' then allocator.fail_for_agent(attempt_id, o ->> 'reason')
+      when 'released' then allocator.release_reservation(attempt_id, o ->> 'reason',
+                                                         coalesce((o ->> 'delay')::integer, 0),
+                                                         coalesce((o ->> 'maybe_assigned')::boolean, false))
+    end;
+    if o ->> 'outcome' not in ('assigned', 'transient', 'refused', 'released') then
+      raise exception 'report: unknown outcome %', o ->> 'outcome' using errcode = 'invalid_parameter_value';
+    end if;
+    return next;
+  end loop;
 end;
 $$;

@@ -61,6 +61,7 @@ begin
   select p.id, p.name, p.email, p.type, p.is_available, p.force_offline, true, p.qiscus_load, p.by_hand, p.by_hand,
          now()
   from pulled p
+  order by p.id  -- agents locked in id order, as report() does: no deadlock between a sync and a batch
   on conflict (id) do update
   set name = excluded.name, email = excluded.email, type = excluded.type, is_available = excluded.is_available,
       force_offline = excluded.force_offline, present = true, qiscus_load = excluded.qiscus_load,

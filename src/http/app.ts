@@ -2,9 +2,9 @@
  * The HTTP app: Qiscus's two webhooks, health, readiness and metrics. Thin by design: it validates, hands the
  * payload to one SQL function, and says what that did. No allocation logic lives here (it is all in SQL).
  *
- * Each webhook is one `select allocator.accept_*(...)` in autocommit: when the query returns, the webhook row and
- * its effect are committed, and only then is the 2xx sent. The SQL is idempotent per room, so a retried or
- * concurrent copy changes nothing.
+ * Each webhook is applied by one SQL function in autocommit (allocation webhooks in groups: see ingest.ts): when
+ * the query returns, the webhook row and its effect are committed, and only then is the 2xx sent. The SQL is
+ * idempotent per room, so a retried or concurrent copy changes nothing.
  *
  * Order of checks on a webhook: secret (401) → content type (415) → size (413) → JSON (400) → schema (422) →
  * database (200, or 503 + Retry-After when it is away). Nothing is written before the last step.
@@ -19,6 +19,7 @@ import { migrationsApplied } from '../db/migrate.ts';
 import type { Logger } from '../log.ts';
 import { problem, type AppContext, type AppEnv } from './context.ts';
 import { jsonBody, MAX_BODY_BYTES } from './json-body.ts';
+import { NewRequestBatcher, type AcceptRow } from './ingest.ts';
 import { requestContext, ROUTES, type Observer } from './request-context.ts';
 import { parseCloseRequest, parseNewRequest, type Parsed, type Webhook } from './schemas.ts';
 import { requireSecret } from './secret.ts';
@@ -37,17 +38,8 @@ export interface AppOptions {
 }
 
 /** What a webhook's SQL function returns (bigints arrive as strings). */
-interface AcceptRow {
-  outcome: string;
-  session_id: string | null;
-  webhook_id: string;
-}
-
-/** The SQL function per webhook: fixed names, never built from input. */
-const ACCEPT = {
-  new_request: 'select outcome, session_id, webhook_id from allocator.accept_new_request($1::jsonb, $2::text)',
-  close_request: 'select outcome, session_id, webhook_id from allocator.accept_close_request($1::jsonb, $2::text)',
-} as const;
+/** The resolution webhook: one call each (they are few, and each frees a slot). */
+const ACCEPT_CLOSE = 'select outcome, session_id, webhook_id from allocator.accept_close_request($1::jsonb, $2::text)';
 
 /**
  * A webhook the database could not take (away, overloaded, restarting) changed nothing, or changed it idempotently:
@@ -66,7 +58,14 @@ export function createApp(opts: AppOptions): Hono<AppEnv> {
   const body = jsonBody(opts.maxBodyBytes ?? MAX_BODY_BYTES);
 
   /** Validates, stores through SQL, and answers with what happened. */
-  const webhook = (kind: keyof typeof ACCEPT, parse: (b: unknown) => Parsed<Webhook>) => async (c: AppContext) => {
+  const newRequests = new NewRequestBatcher(pool);
+  const accept = {
+    new_request: (roomId: string, payload: unknown, requestId: string) => newRequests.accept(roomId, payload, requestId),
+    close_request: async (_roomId: string, payload: unknown, requestId: string) =>
+      (await pool.query<AcceptRow>(ACCEPT_CLOSE, [JSON.stringify(payload), requestId])).rows[0],
+  };
+
+  const webhook = (kind: keyof typeof accept, parse: (b: unknown) => Parsed<Webhook>) => async (c: AppContext) => {
     const parsed = parse(c.get('body'));
     if (!parsed.ok) return problem(c, 422, parsed.error, parsed.field);
     const { roomId, payload } = parsed.value;
@@ -74,8 +73,7 @@ export function createApp(opts: AppOptions): Hono<AppEnv> {
     const requestId = c.get('requestId');
     let row: AcceptRow | undefined;
     try {
-      const res = await pool.query<AcceptRow>(ACCEPT[kind], [JSON.stringify(payload), requestId]);
-      row = res.rows[0];
+      row = await accept[kind](roomId, payload, requestId);
     } catch (err) {
       return databaseFailure(c, err);
     }

@@ -6,7 +6,7 @@
  * cheap, and one drain runs at a time per process, keeping up to `concurrency` Qiscus calls in flight.
  */
 import type pg from 'pg';
-import { isConnectionError } from '../db/errors.ts';
+import { Reporter } from './reporter.ts';
 import type { Logger } from '../log.ts';
 import { isQiscusError, type AssignResult } from '../qiscus/client.ts';
 
@@ -48,8 +48,11 @@ export class AllocatorLoop {
   private stopped = false;
   private kickedAt: number | null = null;
   private retryTimer: NodeJS.Timeout | null = null;
+  private readonly reporter: Reporter;
 
-  constructor(private readonly o: AllocatorLoopOptions) {}
+  constructor(private readonly o: AllocatorLoopOptions) {
+    this.reporter = new Reporter(o.pool, o.logger);
+  }
 
   get busy(): number {
     return this.inFlight.size;
@@ -71,10 +74,11 @@ export class AllocatorLoop {
     try {
       do {
         this.again = false;
+        // Refill the pipeline: one round trip reserves as many as there are free places in it.
         while (!this.stopped && this.inFlight.size < this.o.concurrency) {
-          const r = await this.reserve();
-          if (!r) break;
-          this.start(r);
+          const batch = await this.reserve(this.o.concurrency - this.inFlight.size);
+          for (const r of batch) this.start(r);
+          if (batch.length === 0) break;
         }
       } while (this.again && !this.stopped && this.inFlight.size < this.o.concurrency);
       this.kickedAt = null;
@@ -90,23 +94,23 @@ export class AllocatorLoop {
     }
   }
 
-  private async reserve(): Promise<Reservation | undefined> {
+  private async reserve(batch: number): Promise<Reservation[]> {
     const res = await this.o.pool.query<Reservation>(
-      `select attempt_id, session_id, room_id, agent_id, attempt from allocator.reserve($1)`,
-      [this.o.owner()],
+      `select attempt_id, session_id, room_id, agent_id, attempt from allocator.reserve($1, $2)`,
+      [this.o.owner(), batch],
     );
-    const r = res.rows[0];
-    if (r && this.kickedAt !== null) {
-      this.o.onReserved?.(r, performance.now() - this.kickedAt);
+    const first = res.rows[0];
+    if (first && this.kickedAt !== null) {
+      for (const r of res.rows) this.o.onReserved?.(r, performance.now() - this.kickedAt);
       this.kickedAt = null;
     }
-    return r;
+    return res.rows;
   }
 
   private start(r: Reservation): void {
     const p = this.assign(r)
       .catch((e) => {
-        // A bug, not an outage (those are retried in report()). The lease will hand the room back.
+        // A bug, not an outage (those are retried by the reporter). The rescue will hand the room back.
         this.o.logger.error({ err: errText(e), room: r.room_id, attempt: r.attempt_id }, 'could not report outcome');
       })
       .finally(() => {
@@ -118,20 +122,18 @@ export class AllocatorLoop {
 
   private async assign(r: Reservation): Promise<void> {
     const t0 = performance.now();
+    const attempt = r.attempt_id;
     let outcome: Outcome;
     let error: string | undefined;
     try {
       const answer = await this.o.qiscus.assignAgent(r.room_id, Number(r.agent_id));
-      const current = await this.report<boolean>(`select allocator.confirm($1, $2) as v`, [
-        r.attempt_id,
-        answer.serviceId,
-      ]);
-      outcome = current ? 'assigned' : 'stale';
+      const current = await this.reporter.report({ attempt, outcome: 'assigned', service: answer.serviceId });
+      outcome = current === 'true' ? 'assigned' : 'stale';
     } catch (e) {
       error = errText(e);
       if (isQiscusError(e) && e.kind === 'rejected') {
         outcome = 'refused';
-        await this.report(`select allocator.fail_for_agent($1, $2) as v`, [r.attempt_id, error]);
+        await this.reporter.report({ attempt, outcome, reason: error });
       } else if (isQiscusError(e) && e.kind === 'config') {
         // Not the room's fault: hand it back without using up an attempt, and shout.
         outcome = 'released';
@@ -139,46 +141,26 @@ export class AllocatorLoop {
           { status: e.status, err: error },
           'Qiscus rejected our credentials: check QISCUS_APP_ID and QISCUS_SECRET_KEY',
         );
-        await this.report(`select allocator.release_reservation($1, $2, 30) as v`, [r.attempt_id, error]);
+        await this.reporter.report({ attempt, outcome, reason: error, delay: 30, maybe_assigned: false });
       } else {
         outcome = 'transient';
         const retryAfter = isQiscusError(e) ? (e.retryAfterSeconds ?? null) : null;
-        await this.report(`select allocator.fail_transient($1, $2, $3, $4) as v`, [
-          r.attempt_id,
-          error,
-          retryAfter === null ? null : Math.ceil(retryAfter),
-          maybeAssigned(e),
-        ]);
+        await this.reporter.report({
+          attempt,
+          outcome,
+          reason: error,
+          retry_after: retryAfter === null ? null : Math.ceil(retryAfter),
+          maybe_assigned: maybeAssigned(e),
+        });
       }
     }
     this.o.onOutcome?.(r, outcome, performance.now() - t0, error);
   }
 
-  /**
-   * Reports an outcome to SQL, retrying while the database is unreachable: the result of a call that Qiscus
-   * answered must not be lost. If this process dies first, its reservations are rescued (presence.ts) and the
-   * room is retried with the same agent, which Qiscus treats as a repeat.
-   */
-  private async report<T>(sql: string, params: unknown[]): Promise<T> {
-    for (let wait = 200; ; wait = Math.min(wait * 2, 5000)) {
-      try {
-        const res = await this.o.pool.query(sql, params);
-        return res.rows[0]?.v as T;
-      } catch (e) {
-        if (!isConnectionError(e)) throw e;
-        // Shutting down with the database gone (Ctrl-C reaches an embedded PostgreSQL too): leave the reservation
-        // to its lease. After a restart it is rescued and retried with the same agent, which Qiscus treats as a
-        // repeat, so nothing is lost.
-        if (this.stopped) throw new Error(`database gone during shutdown; left to the lease: ${errText(e)}`);
-        this.o.logger.warn({ err: errText(e) }, `database unreachable; retrying the report in ${wait} ms`);
-        await new Promise((r) => setTimeout(r, wait));
-      }
-    }
-  }
-
   /** Stops reserving and waits for the calls in flight to finish and be reported (each is bounded by its timeout). */
   async stop(): Promise<void> {
     this.stopped = true;
+    this.reporter.stopping = true;
     if (this.retryTimer) clearTimeout(this.retryTimer);
     await Promise.allSettled([...this.inFlight.values()]);
   }

@@ -207,6 +207,7 @@ export async function startListenerFromConfig(
     appId: config.QISCUS_APP_ID!,
     secretKey: config.QISCUS_SECRET_KEY!,
     responseTimeoutMs: config.QISCUS_TIMEOUT_MS,
+    maxSockets: config.LISTENER_CONCURRENCY + 2, // the pipeline, and the roster pull beside it
   });
   const listener = await startListener({
     ...rest,

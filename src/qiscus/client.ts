@@ -1,3 +1,5 @@
+import http from 'node:http';
+import https from 'node:https';
 import { got, RequestError, type Response } from 'got';
 import type { z } from 'zod';
 import { QiscusError, kindForStatus, messageFromBody, parseRetryAfter } from './errors.ts';
@@ -14,6 +16,8 @@ export interface QiscusClientOptions {
   connectTimeoutMs?: number;
   /** Time allowed between sending the request and receiving the answer's headers. Default 10000 ms. */
   responseTimeoutMs?: number;
+  /** Connections kept open to Qiscus: the listener's pipeline (calls in flight) plus the roster pull. Default 16. */
+  maxSockets?: number;
 }
 
 export interface AssignResult {
@@ -35,7 +39,12 @@ export function createQiscusClient(opts: QiscusClientOptions): QiscusClient {
   const base = new URL(opts.baseUrl);
   const baseHref = base.href.replace(/\/+$/, '');
 
-  const http = got.extend({
+  // Keep-alive connections, as many as calls in flight: no TCP (or TLS) handshake per call.
+  const agentOptions = { keepAlive: true, maxSockets: opts.maxSockets ?? 16 };
+  const agent = { http: new http.Agent(agentOptions), https: new https.Agent(agentOptions) };
+
+  const client = got.extend({
+    agent,
     headers: { 'Qiscus-App-Id': opts.appId, 'Qiscus-Secret-Key': opts.secretKey, accept: 'application/json' },
     // Retries are decided in SQL (attempt counts, backoff, queue order); a hidden retry here would double them.
     retry: { limit: 0 },
@@ -91,7 +100,7 @@ export function createQiscusClient(opts: QiscusClientOptions): QiscusClient {
   async function listAgentsPage(page: number, limit: number) {
     const body = await call(
       'list agents',
-      () => http.get(`${baseHref}/api/v2/admin/agents`, { searchParams: { page, limit } }),
+      () => client.get(`${baseHref}/api/v2/admin/agents`, { searchParams: { page, limit } }),
       AgentsPageSchema,
     );
     return { agents: body.data.agents, totalCount: body.meta.total_count };
@@ -117,7 +126,7 @@ export function createQiscusClient(opts: QiscusClientOptions): QiscusClient {
     const body = await call(
       'assign agent',
       () =>
-        http.post(`${baseHref}/api/v1/admin/service/assign_agent`, {
+        client.post(`${baseHref}/api/v1/admin/service/assign_agent`, {
           json: { room_id: roomId, agent_id: agentId, max_agent: 1 },
         }),
       AssignAgentResponseSchema,

@@ -120,7 +120,7 @@ describe('db/code', () => {
     const dup = await c.query(`select proname, count(*)::int as n from pg_proc where pronamespace = 'allocator'::regnamespace
                                group by proname having count(*) > 1`);
     expect(dup.rows).toEqual([]);
-    expect(await routines(c, 'reserve')).toEqual(['allocator.reserve(integer)']);
+    expect(await routines(c, 'reserve')).toEqual(['allocator.reserve(integer,integer)']);
     await c.end();
   });
 
