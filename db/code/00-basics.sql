@@ -9,7 +9,8 @@
 --   02-agents          capacity, the guard, agent_preference()        08-rules        priority, maximum wait
 --   03-intake          the two webhooks                               09-qiscus-health outages of Qiscus
 --   04-reservation     reserve(): which room goes to which agent      10-views        views for people, invariants
---   05-outcomes        confirm, fail_transient, fail_for_agent, release_reservation
+--   05-outcomes        confirm, fail_transient, fail_for_agent,       11-routing      routes and divisions
+--                      release_reservation, report
 --
 -- Shape of the data:
 --   settings   tunables a DBA may change at any time (read on every call, so a change applies at once)

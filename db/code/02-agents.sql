@@ -91,8 +91,9 @@ as $$
   order by a.total_load, a.last_assigned_at nulls first, a.id
 $$;
 
--- Fires when an agent may have gained a free slot: a new agent, load down, capacity changed, back online or
--- unpaused. Not on load going up: a reservation is no news, and NOTIFY serialises commits.
+-- Fires when an agent may have gained a free slot or new rooms to serve: a new agent, load down, capacity changed,
+-- back online or unpaused, divisions changed. Not on load going up: a reservation is no news, and NOTIFY
+-- serialises commits.
 create trigger notify_agent_added
   after insert on allocator.agents
   for each row when (new.accepting)
@@ -102,5 +103,6 @@ create trigger notify_agent_free
   after update on allocator.agents
   for each row
   when (new.accepting
-        and (new.total_load < old.total_load or new.max_load is distinct from old.max_load or not old.accepting))
+        and (new.total_load < old.total_load or new.max_load is distinct from old.max_load or not old.accepting
+             or new.division_ids is distinct from old.division_ids))
   execute function allocator.notify('agent');

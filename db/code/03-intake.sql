@@ -51,8 +51,8 @@ begin
     where r.room_id = room and r.state = 'resolved' and r.prior_service_id is not distinct from prior
     order by r.id desc limit 1;
   else
-    insert into allocator.sessions (room_id, source, prior_service_id)
-    values (room, nullif(payload ->> 'source', ''), prior)
+    insert into allocator.sessions (room_id, source, channel_id, prior_service_id)
+    values (room, nullif(payload ->> 'source', ''), allocator.json_bigint(payload -> 'channel' -> 'id'), prior)
     returning id into v_session;
     v_outcome := 'queued';
   end if;

@@ -73,6 +73,7 @@ as $$
 declare
   candidates refcursor;
   candidate  bigint;
+  divisions  bigint[];
   s          allocator.sessions;
 begin
   -- A room holding a slot goes back to its agent first: no slot to find, and the repeat is harmless if the
@@ -102,14 +103,15 @@ begin
 
     -- Lock the agent, or move on if another reservation holds it right now. The check runs on the row's latest
     -- version (the cursor's snapshot may be older), so a room is only taken below once a slot is certain.
-    perform from allocator.agents a
+    select a.division_ids into divisions from allocator.agents a
     where a.id = candidate and a.accepting and a.total_load < allocator.capacity(a.max_load)
     for no key update skip locked;
     continue when not found;
 
-    -- The oldest room this agent can take: due (not backing off), not refused by this agent, and not waiting to
-    -- be retried with another agent that is free (after a failure the call may in fact have reached Qiscus, so
-    -- the retry goes to the same agent when it can: the repeat is then harmless, not a second agent).
+    -- The oldest room this agent can take: due (not backing off), routed to one of its divisions (or to anyone),
+    -- not refused by this agent, and not waiting to be retried with another agent that is free (after a failure
+    -- the call may in fact have reached Qiscus, so the retry goes to the same agent when it can: the repeat is
+    -- then harmless, not a second agent). Rooms this agent may not serve are passed over, never waited for.
     s := null;
     select q.* into s
     from allocator.sessions q
@@ -117,6 +119,7 @@ begin
       and not q.holds_slot
       and q.next_attempt_at <= now()
       and candidate <> all (q.excluded_agents)
+      and allocator.may_serve(q.division_ids, q.overflow_at, divisions)
       and (q.last_agent_id is null or q.last_agent_id = candidate
            or not exists (select from allocator.eligible_agents e where e.id = q.last_agent_id))
     order by q.priority desc, q.queued_at, q.id

@@ -89,7 +89,7 @@ end;
 $$;
 
 -- When the listener should look again at the latest, if nothing wakes it before: the next backoff to end, lease
--- to expire, or probe of a Qiscus that is down. Null when nothing is pending.
+-- to expire, routed room to overflow to anyone, or probe of a Qiscus that is down. Null when nothing is pending.
 create function allocator.next_due_at()
 returns timestamptz
 language sql stable
@@ -97,5 +97,6 @@ as $$
   select least(
     (select min(next_attempt_at) from allocator.sessions where state = 'waiting' and next_attempt_at > now()),
     (select min(lease_expires_at) from allocator.sessions where lease_expires_at is not null),
+    (select min(overflow_at) from allocator.sessions where state = 'waiting' and overflow_at > now()),
     (select probe_at from allocator.qiscus_health where down_since is not null));
 $$;

@@ -22,11 +22,13 @@ create view allocator.queue as
          s.priority,
          s.source,
          case when s.holds_slot then s.agent_id end as retry_agent_id,
-         s.id as session_id
+         s.id as session_id,
+         case when s.overflow_at <= now() then null else s.division_ids end as division_ids
   from allocator.sessions s
   where s.state = 'waiting'
   order by position;
-comment on view allocator.queue is 'Waiting rooms in serving order. next_attempt_at in the future means backing off.';
+comment on view allocator.queue is 'Waiting rooms in serving order. next_attempt_at in the future means backing off; '
+  'division_ids: the divisions that may serve the room now (null: any agent).';
 
 -- Per agent: can it take rooms, how many it holds, how many it may hold.
 create view allocator.agent_load as
@@ -39,10 +41,30 @@ create view allocator.agent_load as
          a.external_load,
          a.qiscus_load,
          a.paused,
-         a.last_assigned_at
+         a.last_assigned_at,
+         a.division_ids
   from allocator.agents a
   order by a.id;
 comment on view allocator.agent_load is 'Per agent: available (online, not paused), load (ours + assigned by hand), capacity.';
+
+-- Per division: its waiting rooms, the longest wait, its agents online and their free slots.
+create view allocator.division_queue as
+  select d.id, d.name,
+         w.waiting, w.longest_wait,
+         g.agents_online, g.free_slots
+  from allocator.divisions d
+  cross join lateral (
+    select count(*) as waiting, now() - min(s.queued_at) as longest_wait
+    from allocator.sessions s
+    where s.state = 'waiting' and s.division_ids @> array[d.id] and coalesce(s.overflow_at > now(), true)) w
+  cross join lateral (
+    select count(*) as agents_online,
+           coalesce(sum(greatest(allocator.capacity(a.max_load) - a.total_load, 0)), 0) as free_slots
+    from allocator.agents a
+    where a.accepting and a.division_ids @> array[d.id]) g
+  order by d.id;
+comment on view allocator.division_queue is 'Per division: rooms waiting for it (not yet overflowed), longest wait, '
+  'agents online (not paused) and their free slots.';
 
 -- Listeners alive now (each holds its advisory lock), with the reservations in their hands.
 create view allocator.listeners as

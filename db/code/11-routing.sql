@@ -1,0 +1,121 @@
+--------------------------------------------------------------------------------------------------------------------
+-- Routing by division. A DBA writes routes (allocator.routes): the first one matching a room's source and channel
+-- (lowest position, then id) names the divisions whose agents may serve it, and after how long (overflow_seconds)
+-- any agent may. Each waiting room carries its answer (sessions.division_ids, overflow_at), set when it is queued
+-- and recomputed for every waiting room when the routes change; each agent carries its divisions
+-- (agents.division_ids), set by the roster pull. may_serve() is the one rule that joins the two.
+--
+--   route WhatsApp to support (division 439), anyone after five minutes:
+--     insert into allocator.routes (source, division_ids, overflow_seconds) values ('wa', '{439}', 300);
+--   a channel before its source's general route:
+--     insert into allocator.routes (channel_id, division_ids, position) values (4321, '{438}', -1);
+--   a division's queue:     select * from allocator.queue where division_ids @> '{439}';
+--   every division:         table allocator.division_queue;
+--------------------------------------------------------------------------------------------------------------------
+
+-- May an agent in `agent_divisions` serve a room routed to `room_divisions` (null: any agent) that overflows to
+-- anyone at `overflow_at` (null: never)? Inlined where it is used.
+create function allocator.may_serve(room_divisions bigint[], overflow_at timestamptz, agent_divisions bigint[])
+returns boolean
+language sql stable
+as $$ select room_divisions is null or overflow_at <= now() or room_divisions && agent_divisions $$;
+
+-- The route of a room: the divisions that may serve it and when it overflows to anyone; no row when no route
+-- matches (any agent). A webhook without `channel` matches only routes whose channel_id is null.
+create function allocator.route_for(room_source text, room_channel bigint, queued_at timestamptz)
+returns table (division_ids bigint[], overflow_at timestamptz)
+language sql stable
+as $$
+  select r.division_ids, queued_at + make_interval(secs => r.overflow_seconds)
+  from allocator.routes r
+  where (r.source is null or r.source = room_source)
+    and (r.channel_id is null or r.channel_id = room_channel)
+  order by r.position, r.id
+  limit 1
+$$;
+
+-- A new session takes its route.
+create function allocator.set_session_route()
+returns trigger
+language plpgsql
+as $$
+begin
+  select r.division_ids, r.overflow_at into new.division_ids, new.overflow_at
+  from allocator.route_for(new.source, new.channel_id, new.queued_at) r;
+  return new;
+end;
+$$;
+
+create trigger set_session_route
+  before insert on allocator.sessions
+  for each row execute function allocator.set_session_route();
+
+-- A change of routes applies to every waiting room at once (an overflow time already passed too), and wakes the
+-- listeners: a room may now go to agents that could not take it before.
+create function allocator.reroute_waiting()
+returns trigger
+language plpgsql
+as $$
+begin
+  update allocator.sessions s
+  set division_ids = r.division_ids, overflow_at = r.overflow_at, updated_at = now()
+  from allocator.sessions q
+  left join lateral allocator.route_for(q.source, q.channel_id, q.queued_at) r on true
+  where q.state = 'waiting' and s.id = q.id
+    and (s.division_ids, s.overflow_at) is distinct from (r.division_ids, r.overflow_at);
+  perform pg_notify('allocator', 'room');
+  return null;
+end;
+$$;
+
+create trigger reroute_waiting
+  after insert or update or delete or truncate on allocator.routes
+  for each statement execute function allocator.reroute_waiting();
+
+-- Applies one complete pull of Qiscus's divisions (`divisions`: the `data` objects of every page, as one array) and
+-- their members (`members`: [{"division_id": 438, "agent_ids": [1001, ...]}, ...], one per division). Call it only
+-- when every page of every division was read: a failed or partial pull keeps the last complete one. Agents not
+-- (yet) in allocator.agents are left out; the next pull after the agents' own finds them. Returns how many agents'
+-- divisions changed (each such change wakes the listeners: see notify_agent_free).
+create function allocator.sync_divisions(divisions jsonb, members jsonb)
+returns integer
+language plpgsql
+as $$
+declare
+  n integer;
+begin
+  insert into allocator.divisions as d (id, name)
+  select allocator.json_bigint(x -> 'id'), coalesce(x ->> 'name', '')
+  from jsonb_array_elements(divisions) x
+  where allocator.json_bigint(x -> 'id') is not null
+  on conflict (id) do update set name = excluded.name, synced_at = now()
+  where d.name is distinct from excluded.name;
+
+  delete from allocator.divisions d
+  where d.id not in (select allocator.json_bigint(x -> 'id') from jsonb_array_elements(divisions) x
+                     where allocator.json_bigint(x -> 'id') is not null);
+
+  create temporary table if not exists pulled_membership (division_id bigint, agent_id bigint) on commit drop;
+  truncate pulled_membership;
+  insert into pulled_membership
+  select distinct allocator.json_bigint(m -> 'division_id'), allocator.json_bigint(a)
+  from jsonb_array_elements(members) m, jsonb_array_elements(m -> 'agent_ids') a
+  where allocator.json_bigint(m -> 'division_id') in (select id from allocator.divisions)
+    and allocator.json_bigint(a) in (select id from allocator.agents);
+
+  delete from allocator.agent_divisions ad
+  where not exists (select from pulled_membership p where p.division_id = ad.division_id and p.agent_id = ad.agent_id);
+  insert into allocator.agent_divisions (division_id, agent_id)
+  select p.division_id, p.agent_id from pulled_membership p
+  on conflict do nothing;
+
+  update allocator.agents a
+  set division_ids = coalesce(m.ids, '{}')
+  from allocator.agents g
+  left join (select ad.agent_id, array_agg(ad.division_id order by ad.division_id) as ids
+             from allocator.agent_divisions ad group by ad.agent_id) m on m.agent_id = g.id
+  where a.id = g.id and a.division_ids is distinct from coalesce(m.ids, '{}');
+  get diagnostics n = row_count;
+  return n;
+end;
+$$;

@@ -1,0 +1,45 @@
+--! Previous: sha1:7d78aaf63301324380df790c36a73ae8a5f763cb
+--! Hash: sha1:d8901548dca62bfab52cc81d11c9e94c2dcbe6b5
+--! Message: routing by division
+
+--------------------------------------------------------------------------------------------------------------------
+-- Routing by division (db/code/11-routing.sql): Qiscus's divisions and who is in each, pulled with the roster;
+-- routes a DBA writes; and on each waiting room the divisions that may serve it.
+--------------------------------------------------------------------------------------------------------------------
+
+create table allocator.divisions (
+  id        bigint primary key,          -- Qiscus division id
+  name      text not null default '',
+  synced_at timestamptz not null default now()
+);
+comment on table allocator.divisions is 'Qiscus divisions (teams), as the last complete roster pull found them.';
+
+-- Who is in which division, as the last complete pull found it; the agents' own list is agents.division_ids.
+create table allocator.agent_divisions (
+  division_id bigint not null references allocator.divisions (id) on delete cascade,
+  agent_id    bigint not null references allocator.agents (id) on delete cascade,
+  primary key (division_id, agent_id)
+);
+create index agent_divisions_agent on allocator.agent_divisions (agent_id);
+
+alter table allocator.agents add column division_ids bigint[] not null default '{}';
+comment on column allocator.agents.division_ids is 'Divisions the agent is in (Qiscus), sorted; {} for none.';
+
+create table allocator.routes (
+  id               bigint generated always as identity primary key,
+  source           text,                  -- the webhook's `source` exactly; null matches any
+  channel_id       bigint,                -- the webhook's `channel.id`; null matches any (and rooms without channel)
+  division_ids     bigint[] not null check (cardinality(division_ids) > 0),
+  overflow_seconds integer check (overflow_seconds >= 0),  -- after this long since queued, any agent; null: never
+  position         integer not null default 0
+);
+comment on table allocator.routes is 'Which divisions serve a room: the first route matching its source and channel '
+  '(lowest position, then id) decides; no match: any agent. A change applies to waiting rooms at once.';
+
+alter table allocator.sessions
+  add column channel_id   bigint,         -- the webhook's channel.id, when it had one
+  add column division_ids bigint[],       -- while waiting: the divisions that may serve it (null: any agent)
+  add column overflow_at  timestamptz;    -- while waiting: from then on any agent may serve it (null: never)
+
+-- Overflows that fall due wake the listeners (next_due_at).
+create index sessions_overflow on allocator.sessions (overflow_at) where state = 'waiting' and overflow_at is not null;
