@@ -10,7 +10,7 @@
 --   03-intake          the two webhooks                               09-qiscus-health outages of Qiscus
 --   04-reservation     reserve(): which room goes to which agent      10-views        views for people, invariants
 --   05-outcomes        confirm, fail_transient, fail_for_agent,       11-routing      routes and divisions
---                      release_reservation, report
+--                      release_reservation, report                12-retention    deleting old history
 --
 -- Shape of the data:
 --   settings   tunables a DBA may change at any time (read on every call, so a change applies at once)

@@ -18,7 +18,9 @@ as $$
     ('max_attempts',       '8',   'reservations of one session before it ends as failed'),
     ('max_wait_seconds',   '0',   'a room waiting longer is cancelled (0: no limit)'),
     ('outage_failures',    '5',   'this many transient failures in a row, of at least two rooms, mean Qiscus is down'),
-    ('probe_seconds',      '1',   'while Qiscus is down, one assign call goes out per this many seconds')
+    ('probe_seconds',      '1',   'while Qiscus is down, one assign call goes out per this many seconds'),
+    ('retention_days',     '30',  'finished sessions, their attempts and old webhooks are deleted after this many '
+                                  'days (0: keep everything)')
 $$;
 
 -- New settings appear with their defaults; a value a DBA set is never overwritten.
@@ -59,6 +61,10 @@ as $$ select greatest(floor(allocator.setting('outage_failures')), 2)::integer $
 
 create function allocator.probe_interval() returns interval language sql stable
 as $$ select make_interval(secs => greatest(allocator.setting('probe_seconds'), 0.05)) $$;
+
+-- 0 or less: keep everything
+create function allocator.retention() returns interval language sql stable
+as $$ select make_interval(days => greatest(floor(allocator.setting('retention_days')), 0)::integer) $$;
 
 -- 0 or less: no limit
 create function allocator.max_wait() returns interval language sql stable

@@ -79,12 +79,13 @@ end;
 $$;
 
 -- The periodic housekeeping.
-create function allocator.sweep(out rescued integer, out cancelled integer)
+create function allocator.sweep(out rescued integer, out cancelled integer, out pruned integer)
 language plpgsql
 as $$
 begin
   rescued := allocator.rescue_abandoned() + allocator.rescue_expired();
   cancelled := allocator.cancel_overdue();
+  pruned := allocator.prune_history();
 end;
 $$;
 

@@ -19,7 +19,7 @@ const createSubscriber = pgListen.default;
 export interface ListenerOptions extends LoopEvents {
   pool: pg.Pool;
   databaseUrl: string;
-  qiscus: Pick<QiscusClient, 'assignAgent' | 'listAllAgents'>;
+  qiscus: Pick<QiscusClient, 'assignAgent' | 'listAllAgents' | 'listAllDivisions' | 'listDivisionAgentIds'>;
   logger: Logger;
   concurrency: number;
   /** Seconds between sweeps; 0 turns the sweep off (NOTIFY and timers only). */
@@ -70,8 +70,9 @@ export async function startListener(o: ListenerOptions): Promise<Listener> {
   const sweep = async () => {
     if (stopped) return;
     try {
-      const r = await o.pool.query<{ rescued: number; cancelled: number }>(`select * from allocator.sweep()`);
-      const { rescued, cancelled } = r.rows[0]!;
+      const r = await o.pool.query<{ rescued: number; cancelled: number; pruned: number }>(`select * from allocator.sweep()`);
+      const { rescued, cancelled, pruned } = r.rows[0]!;
+      if (pruned > 0) log.debug({ pruned }, 'deleted history older than retention_days');
       if (rescued > 0) log.warn({ rescued }, 'rescued reservations whose lease expired');
       if (cancelled > 0) log.warn({ cancelled }, 'cancelled rooms that waited longer than max_wait_seconds');
     } catch (e) {
@@ -108,11 +109,17 @@ export async function startListener(o: ListenerOptions): Promise<Listener> {
     }
   };
 
+  let divisionsFailing = false;
   const syncNow = async (): Promise<SyncResult | undefined> => {
     try {
       const r = await syncRoster(o.pool, o.qiscus);
       o.onSync?.(r);
       log.debug(r, 'roster synced');
+      // Said once when it starts failing and once when it works again, not every sync.
+      if (r.divisionError && !divisionsFailing) {
+        log.warn({ err: r.divisionError }, 'division pull failed; keeping the last complete membership');
+      } else if (!r.divisionError && divisionsFailing) log.info({ divisions: r.divisions }, 'division pull works again');
+      divisionsFailing = r.divisionError !== undefined;
       loop.kick();
       return r;
     } catch (e) {

@@ -1,19 +1,28 @@
 /**
- * Pulls Qiscus's whole agent roster and hands it to SQL (allocator.sync_agents), which decides who is eligible
- * and how many rooms each agent holds that we did not assign.
+ * Pulls Qiscus's whole agent roster, then its divisions and who is in each, and hands them to SQL
+ * (allocator.sync_agents, allocator.sync_divisions), which decides who is eligible, how many rooms each agent holds
+ * that we did not assign, and which rooms each may serve.
  */
 import type pg from 'pg';
-import type { QiscusAgent } from '../qiscus/client.ts';
+import type { QiscusAgent, QiscusDivision } from '../qiscus/client.ts';
 
 export interface RosterSource {
   listAllAgents(): Promise<QiscusAgent[]>;
+  listAllDivisions(): Promise<QiscusDivision[]>;
+  listDivisionAgentIds(divisionId: number): Promise<number[]>;
 }
 
 export interface SyncResult {
   agents: number;
   changed: number;
+  /** Divisions pulled; null when their pull failed (the last complete membership stands). */
+  divisions: number | null;
+  divisionError?: string;
   ms: number;
 }
+
+/** Division member lists pulled at once (one call per division per sync). */
+const DIVISION_CONCURRENCY = 4;
 
 export async function syncRoster(pool: pg.Pool, qiscus: RosterSource): Promise<SyncResult> {
   const t0 = performance.now();
@@ -24,5 +33,31 @@ export async function syncRoster(pool: pg.Pool, qiscus: RosterSource): Promise<S
     JSON.stringify(agents),
     started,
   ]);
-  return { agents: agents.length, changed: res.rows[0]!.n, ms: performance.now() - t0 };
+  const result: SyncResult = { agents: agents.length, changed: res.rows[0]!.n, divisions: null, ms: 0 };
+  try {
+    result.divisions = await syncDivisions(pool, qiscus);
+  } catch (e) {
+    // A failed or partial pull changes no membership; the agents' own sync above stands.
+    result.divisionError = e instanceof Error ? e.message : String(e);
+  }
+  result.ms = performance.now() - t0;
+  return result;
+}
+
+async function syncDivisions(pool: pg.Pool, qiscus: RosterSource): Promise<number> {
+  const divisions = await qiscus.listAllDivisions();
+  const members: Array<{ division_id: number; agent_ids: number[] }> = [];
+  let next = 0;
+  const worker = async () => {
+    while (next < divisions.length) {
+      const d = divisions[next++]!;
+      members.push({ division_id: d.id, agent_ids: await qiscus.listDivisionAgentIds(d.id) });
+    }
+  };
+  await Promise.all(Array.from({ length: Math.min(DIVISION_CONCURRENCY, divisions.length) }, worker));
+  await pool.query(`select allocator.sync_divisions($1::jsonb, $2::jsonb)`, [
+    JSON.stringify(divisions),
+    JSON.stringify(members),
+  ]);
+  return divisions.length;
 }

@@ -3,9 +3,16 @@ import https from 'node:https';
 import { got, RequestError, type Response } from 'got';
 import type { z } from 'zod';
 import { QiscusError, kindForStatus, messageFromBody, parseRetryAfter } from './errors.ts';
-import { AgentsPageSchema, AssignAgentResponseSchema, type QiscusAgent } from './schemas.ts';
+import {
+  AgentsByDivisionPageSchema,
+  AgentsPageSchema,
+  AssignAgentResponseSchema,
+  DivisionsPageSchema,
+  type QiscusAgent,
+  type QiscusDivision,
+} from './schemas.ts';
 
-export type { QiscusAgent } from './schemas.ts';
+export type { QiscusAgent, QiscusDivision } from './schemas.ts';
 export { QiscusError, isQiscusError, type QiscusErrorKind } from './errors.ts';
 
 export interface QiscusClientOptions {
@@ -29,6 +36,10 @@ export interface AssignResult {
 export interface QiscusClient {
   listAgentsPage(page: number, limit: number): Promise<{ agents: QiscusAgent[]; totalCount: number }>;
   listAllAgents(limit?: number): Promise<QiscusAgent[]>;
+  /** Every division (all pages). */
+  listAllDivisions(limit?: number): Promise<QiscusDivision[]>;
+  /** The ids of every agent in one division (all pages; offline agents included). */
+  listDivisionAgentIds(divisionId: number, limit?: number): Promise<number[]>;
   assignAgent(roomId: string, agentId: number): Promise<AssignResult>;
 }
 
@@ -122,6 +133,49 @@ export function createQiscusClient(opts: QiscusClientOptions): QiscusClient {
     return [...byId.values()];
   }
 
+  /**
+   * All pages of a v2 list (`data[]`, `meta.total_page`). Bounded by what total_page promised plus one, in case
+   * the list grew while paging or Qiscus ignores `page`.
+   */
+  async function allPages<T>(fetchPage: (page: number) => Promise<{ items: T[]; totalPages: number | null }>, limit: number): Promise<T[]> {
+    const out: T[] = [];
+    let last = 1;
+    for (let page = 1; page <= last; page++) {
+      const { items, totalPages } = await fetchPage(page);
+      out.push(...items);
+      last = Math.max(1, totalPages ?? 1) + 1;
+      if (items.length < limit || (totalPages !== null && page >= totalPages)) break;
+    }
+    return out;
+  }
+
+  async function listAllDivisions(limit = 100): Promise<QiscusDivision[]> {
+    const divisions = await allPages(async (page) => {
+      const body = await call(
+        'list divisions',
+        () => client.get(`${baseHref}/api/v2/divisions`, { searchParams: { page, limit } }),
+        DivisionsPageSchema,
+      );
+      return { items: body.data, totalPages: body.meta.total_page ?? null };
+    }, limit);
+    return [...new Map(divisions.map((d) => [d.id, d])).values()];
+  }
+
+  async function listDivisionAgentIds(divisionId: number, limit = 100): Promise<number[]> {
+    const agents = await allPages(async (page) => {
+      const body = await call(
+        'list agents by division',
+        () =>
+          client.get(`${baseHref}/api/v2/admin/agents/by_division`, {
+            searchParams: new URLSearchParams({ 'division_ids[]': String(divisionId), page: String(page), limit: String(limit) }),
+          }),
+        AgentsByDivisionPageSchema,
+      );
+      return { items: body.data.map((a) => a.id), totalPages: body.meta.total_page ?? null };
+    }, limit);
+    return [...new Set(agents)];
+  }
+
   async function assignAgent(roomId: string, agentId: number): Promise<AssignResult> {
     const body = await call(
       'assign agent',
@@ -134,5 +188,5 @@ export function createQiscusClient(opts: QiscusClientOptions): QiscusClient {
     return { serviceId: body.data.service?.id ?? null, agentId: body.data.added_agent?.id ?? agentId };
   }
 
-  return { listAgentsPage, listAllAgents, assignAgent };
+  return { listAgentsPage, listAllAgents, listAllDivisions, listDivisionAgentIds, assignAgent };
 }

@@ -8,7 +8,7 @@ import { Counter, Histogram, type Registry } from 'prom-client';
 import { LATENCY_BUCKETS, PREFIX } from '../metrics/registry.ts';
 import { isQiscusError, type QiscusClient } from './client.ts';
 
-type QiscusOperation = 'assign_agent' | 'list_agents';
+type QiscusOperation = 'assign_agent' | 'list_agents' | 'list_divisions' | 'list_division_agents';
 
 /** The status label of a failed call. */
 function statusLabel(e: unknown): string {
@@ -57,6 +57,8 @@ export function createQiscusMetrics(registry: Registry): QiscusMetrics {
         listAgentsPage: (page, limit) => timed('list_agents', () => client.listAgentsPage(page, limit)),
         // The client pages internally; measured as one pull (nearly always one page of up to 100 agents).
         listAllAgents: (limit) => timed('list_agents', () => client.listAllAgents(limit)),
+        listAllDivisions: (limit) => timed('list_divisions', () => client.listAllDivisions(limit)),
+        listDivisionAgentIds: (id, limit) => timed('list_division_agents', () => client.listDivisionAgentIds(id, limit)),
       };
     },
   };

@@ -52,6 +52,33 @@ export const AgentsPageSchema = z.object({
   }),
 });
 
+/** `meta` of the v2 pages that list `data[]` directly (divisions, agents by division). */
+const PageMetaSchema = z.object({
+  page: z.number().int().nullish(),
+  limit: z.number().int().nullish(),
+  total: z.number().int().nonnegative().nullish(),
+  total_page: z.number().int().nonnegative().nullish(),
+});
+
+/** `GET /api/v2/divisions` (sample: test/fixtures/divisions-page.json). */
+export const DivisionsPageSchema = z.object({
+  data: z
+    .array(z.object({ id: z.number().int(), name: z.string().nullish().transform((v) => v ?? '') }))
+    .nullish()
+    .transform((v) => v ?? []),
+  meta: PageMetaSchema,
+});
+export type QiscusDivision = z.output<typeof DivisionsPageSchema>['data'][number];
+
+/** `GET /api/v2/admin/agents/by_division` (sample: test/fixtures/agents-by-division-page.json): `data` is the array. */
+export const AgentsByDivisionPageSchema = z.object({
+  data: z
+    .array(z.object({ id: z.number().int() }))
+    .nullish()
+    .transform((v) => v ?? []),
+  meta: PageMetaSchema,
+});
+
 /** `POST /api/v1/admin/service/assign_agent` (sample: test/fixtures/assign-agent-response.json). */
 export const AssignAgentResponseSchema = z.object({
   data: z.object({
