@@ -78,22 +78,24 @@ declare
 begin
   -- A room holding a slot goes back to its agent first: no slot to find, and the repeat is harmless if the
   -- earlier call did reach Qiscus. The agent need only be online, not accepting: a paused agent keeps the retry
-  -- of a room it may already have. If that agent went offline or vanished, the slot is let go and the room
-  -- queues like any other (still preferring that agent, see below).
-  select q.* into s
-  from allocator.sessions q
-  where q.state = 'waiting' and q.holds_slot and q.next_attempt_at <= now()
-  order by q.next_attempt_at
-  limit 1
-  for no key update of q skip locked;
-  if s.id is not null then
+  -- of a room it may already have. A held room whose agent went offline or vanished lets the slot go and queues
+  -- like any other (still preferring that agent, see below); then the next held room is looked at, so that one
+  -- such room never hides another that could go now.
+  loop
+    select q.* into s
+    from allocator.sessions q
+    where q.state = 'waiting' and q.holds_slot and q.next_attempt_at <= now()
+    order by q.next_attempt_at, q.id
+    limit 1
+    for no key update of q skip locked;
+    exit when s.id is null;
     if exists (select from allocator.agents a where a.id = s.agent_id and a.online) then
       return query select * from allocator.reserve_for(s, s.agent_id, owner);
       return;
     end if;
     perform allocator.free_slot(s.agent_id);
     update allocator.sessions q set holds_slot = false, uncertain = false, updated_at = now() where q.id = s.id;
-  end if;
+  end loop;
 
   -- An explicit cursor fetches one agent at a time (a FOR-IN loop would read ten ahead).
   open candidates for select p.id from allocator.agent_preference() p;

@@ -171,14 +171,13 @@ export class Model {
   }
 
   /**
-   * Held rooms that reserve() may pick first: the due ones with the earliest next_attempt_at. The SQL orders them
-   * by next_attempt_at alone, so between rooms that became due in one statement (one rescue, one "time passes")
-   * its choice is unspecified: the caller says which one PostgreSQL took.
+   * Held rooms that reserve() may pick first: the due ones with the earliest next_attempt_at, in id order (as the
+   * SQL orders them).
    */
   heldCandidates(): Session[] {
     const held = this.sessions.filter((s) => s.state === 'waiting' && s.holdsSlot && this.due(s));
     const first = Math.min(...held.map((s) => s.nextAt));
-    return held.filter((s) => s.nextAt === first);
+    return held.filter((s) => s.nextAt === first).sort((a, b) => a.id - b.id);
   }
 
   private agent(id: number | null): Agent {
@@ -260,12 +259,12 @@ export class Model {
    * a room: the oldest due waiting room not holding a slot, not refused by that agent, and not to be retried with
    * another agent that is eligible. `pickHeld` chooses among tied held rooms (see heldCandidates).
    */
-  reserve(pickHeld: (tied: Session[]) => Session = (t) => t[0]!): Reservation | null {
+  reserve(): Reservation | null {
     if (!this.sessions.some((s) => s.state === 'waiting' && this.due(s))) return null;
 
-    const tied = this.heldCandidates();
-    if (tied.length > 0) {
-      const s = pickHeld(tied);
+    // held rooms in (next_attempt_at, id) order: back to an online agent, or let go (then the next is looked at)
+    for (let tied = this.heldCandidates(); tied.length > 0; tied = this.heldCandidates()) {
+      const s = tied[0]!;
       if (this.online(this.agents.get(s.agentId!))) return this.reserveFor(s, s.agentId!);
       // its agent went offline or vanished: let the slot go, and the room queues like any other
       this.releaseSlot(s.agentId);
