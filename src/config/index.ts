@@ -27,6 +27,7 @@ const shape = {
   WEBHOOK_SECRET: optionalText,
   AGENT_SYNC_SECONDS: positive(30),
   LOG_LEVEL: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),
+  DASHBOARD_TOKEN: optionalText, // unset: no dashboard at all (GET /dashboard is a 404)
   // From here on, settings of ours beyond the product's required environment above; the README documents all.
   METRICS_PORT: port(9464),
   LISTENER_CONCURRENCY: positive(8),
@@ -35,6 +36,8 @@ const shape = {
   DATA_DIR: z.string().default('.data/postgres'),
   EMBEDDED_PG_PORT: port(54329),
   PUBLIC_URL: url.optional(),
+  // During a rotation of WEBHOOK_SECRET: the old one, still accepted until Qiscus has the new URLs (README).
+  WEBHOOK_SECRET_PREVIOUS: optionalText,
 };
 
 const schema = z.object(shape);
@@ -73,6 +76,11 @@ export function loadConfig(role: Role, env: NodeJS.ProcessEnv = process.env): Co
     if (parsed.data[name] === undefined) {
       throw new ConfigError(`${name} is required${hints[name] ? `: ${hints[name]}` : ''}`);
     }
+  }
+  // An old secret alone would turn the check on with only the secret being retired (`npm start` is spared: it
+  // generates the current one when none is set).
+  if (parsed.data.WEBHOOK_SECRET_PREVIOUS !== undefined && parsed.data.WEBHOOK_SECRET === undefined && role !== 'start') {
+    throw new ConfigError('WEBHOOK_SECRET_PREVIOUS is set but WEBHOOK_SECRET is not: set the new secret too');
   }
   return parsed.data;
 }

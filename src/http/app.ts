@@ -23,12 +23,18 @@ import { NewRequestBatcher, type AcceptRow } from './ingest.ts';
 import { requestContext, ROUTES, type Observer } from './request-context.ts';
 import { parseCloseRequest, parseNewRequest, type Parsed, type Webhook } from './schemas.ts';
 import { requireSecret } from './secret.ts';
+import { dashboardRoutes, type DashboardOptions } from './dashboard/routes.ts';
+import { BASE as DASHBOARD_BASE } from './dashboard/view.ts';
 
 export interface AppOptions {
   pool: pg.Pool;
   logger: Logger;
   /** When set, both webhooks need it (query `secret` or header `X-Webhook-Secret`). */
   webhookSecret?: string;
+  /** During a rotation: the old secret, accepted too (WEBHOOK_SECRET_PREVIOUS). */
+  webhookSecretPrevious?: string;
+  /** The supervisor's page at /dashboard (DASHBOARD_TOKEN); without it, every /dashboard path is a 404. */
+  dashboard?: DashboardOptions;
   /** Called once per request with route, status and latency: where a metrics collector plugs in. */
   observe?: Observer;
   /** Body size limit in bytes (default 256 KiB). */
@@ -48,13 +54,19 @@ const ACCEPT_CLOSE = 'select outcome, session_id, webhook_id from allocator.acce
 const RETRY_AFTER_SECONDS = 5;
 const unavailableHeaders = { 'Retry-After': String(RETRY_AFTER_SECONDS) };
 
+export const NO_SECRET_WARNING =
+  'WEBHOOK_SECRET is not set: anyone who can reach this app can post webhooks, and a forged resolution frees a ' +
+  'slot that is really taken';
+
 export function createApp(opts: AppOptions): Hono<AppEnv> {
   const { pool, logger } = opts;
   const app = new Hono<AppEnv>();
 
   app.use('*', requestContext(logger, opts.observe));
 
-  const guard = requireSecret(opts.webhookSecret);
+  const guard = requireSecret(opts.webhookSecret, opts.webhookSecretPrevious);
+  // Said on /readyz (still 200: the app works) and by `npm run web` at start.
+  const warnings = opts.webhookSecret ? [] : [NO_SECRET_WARNING];
   const body = jsonBody(opts.maxBodyBytes ?? MAX_BODY_BYTES);
 
   /** Validates, stores through SQL, and answers with what happened. */
@@ -112,7 +124,7 @@ export function createApp(opts: AppOptions): Hono<AppEnv> {
       return problem(c, 503, `migrations not applied: ${describeDbError(err)}`, undefined, unavailableHeaders);
     }
     if (!applied) return problem(c, 503, 'migrations not applied: run `npm run migrate`', undefined, unavailableHeaders);
-    return c.json({ ok: true, database: 'reachable', migrations: 'applied' });
+    return c.json({ ok: true, database: 'reachable', migrations: 'applied', warnings });
   });
 
   const registry = opts.metrics;
@@ -121,6 +133,8 @@ export function createApp(opts: AppOptions): Hono<AppEnv> {
       c.body(await registry.metrics(), 200, { 'Content-Type': registry.contentType }),
     );
   }
+
+  if (opts.dashboard) app.route(DASHBOARD_BASE, dashboardRoutes(pool, logger, opts.dashboard));
 
   // Known paths with the wrong method: say so rather than 404.
   for (const [path, allow] of [

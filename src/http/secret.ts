@@ -14,15 +14,19 @@ export function secretEquals(expected: string, given: string | undefined): boole
   return timingSafeEqual(digest(expected), digest(given));
 }
 
-/** Refuses (401) a request that carries neither matching secret. No-op when no secret is configured. */
-export function requireSecret(secret: string | undefined): MiddlewareHandler<AppEnv> {
+/**
+ * Refuses (401) a request that carries no accepted secret. No-op when no secret is configured. `previous` is the
+ * secret being retired during a rotation (WEBHOOK_SECRET_PREVIOUS): accepted too, until it is removed.
+ */
+export function requireSecret(secret: string | undefined, previous?: string): MiddlewareHandler<AppEnv> {
   if (!secret) return async (_c, next) => next();
-  const expected = secret;
+  const accepted = previous ? [secret, previous] : [secret];
   return async (c, next) => {
-    // Evaluate both, so the time taken does not say which one was tried.
-    const byQuery = secretEquals(expected, c.req.query('secret'));
-    const byHeader = secretEquals(expected, c.req.header('x-webhook-secret'));
-    if (!byQuery && !byHeader) {
+    // Evaluate every pair, so the time taken does not say which one was tried or which secret matched.
+    const given = [c.req.query('secret'), c.req.header('x-webhook-secret')];
+    let ok = false;
+    for (const expected of accepted) for (const g of given) ok = secretEquals(expected, g) || ok;
+    if (!ok) {
       return problem(c, 401, 'missing or wrong webhook secret (query parameter `secret` or header X-Webhook-Secret)');
     }
     return next();

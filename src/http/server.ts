@@ -12,7 +12,7 @@ import type pg from 'pg';
 import type { Config } from '../config/index.ts';
 import type { Logger } from '../log.ts';
 import { registerQueueMetrics, type Registry } from '../metrics/index.ts';
-import { createApp, type AppOptions } from './app.ts';
+import { createApp, NO_SECRET_WARNING, type AppOptions } from './app.ts';
 import { createWebMetrics } from './metrics.ts';
 
 export interface HttpServerOptions extends AppOptions {
@@ -32,7 +32,9 @@ export interface HttpServer {
 
 export async function startHttpServer(opts: HttpServerOptions): Promise<HttpServer> {
   const { logger } = opts;
-  const app = createApp(opts);
+  // Ends the dashboard's event streams on stop(): they never end by themselves, and would hold stop() for graceMs.
+  const endStreams = new AbortController();
+  const app = createApp(opts.dashboard ? { ...opts, dashboard: { ...opts.dashboard, signal: endStreams.signal } } : opts);
   let stopping = false;
 
   // While stopping, each answer tells its client to close the connection, so none lingers in keep-alive.
@@ -62,6 +64,7 @@ export async function startHttpServer(opts: HttpServerOptions): Promise<HttpServ
   const stop = () =>
     (stopped ??= (async () => {
       stopping = true;
+      endStreams.abort();
       const force = setTimeout(() => {
         logger.warn('in-flight requests did not finish in time; closing their connections');
         if ('closeAllConnections' in server) server.closeAllConnections();
@@ -91,11 +94,17 @@ export function startWebFromConfig(
   deps: { pool: pg.Pool; logger: Logger; metrics: Registry },
 ): Promise<HttpServer> {
   registerQueueMetrics(deps.metrics, deps.pool, { logger: deps.logger });
+  if (!config.WEBHOOK_SECRET) deps.logger.warn(NO_SECRET_WARNING);
+  if (config.DASHBOARD_TOKEN && config.DASHBOARD_TOKEN.length < 16) {
+    deps.logger.warn('DASHBOARD_TOKEN is shorter than 16 characters: easy to guess (try `openssl rand -hex 16`)');
+  }
   return startHttpServer({
     pool: deps.pool,
     logger: deps.logger,
     port: config.PORT,
     webhookSecret: config.WEBHOOK_SECRET,
+    webhookSecretPrevious: config.WEBHOOK_SECRET_PREVIOUS,
+    dashboard: config.DASHBOARD_TOKEN ? { token: config.DASHBOARD_TOKEN } : undefined,
     metrics: deps.metrics,
     observe: createWebMetrics(deps.metrics),
   });

@@ -59,6 +59,9 @@ describe('npm run web (src/http/main.ts)', () => {
       expect((await get(base + '/healthz')).status).toBe(200);
       const ready200 = await get(base + '/readyz');
       expect(ready200.status, ready200.text).toBe(200);
+      // No WEBHOOK_SECRET: it serves, but says so at start and on /readyz.
+      expect(ready200.json.warnings).toEqual([expect.stringMatching(/WEBHOOK_SECRET is not set/)]);
+      expect(p.out()).toMatch(/"level":40,.*"msg":"WEBHOOK_SECRET is not set/);
       expect((await post(base + '/api/v1/new_request', newRequest('61'))).json.outcome).toBe('queued');
 
       // Hold room 62's lock (the key lock_room uses), so its webhook waits inside the database.

@@ -1,5 +1,6 @@
 /** WEBHOOK_SECRET: in the query or a header, compared in constant time; missing or wrong → 401, nothing stored. */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { ConfigError, loadConfig } from '../../src/config/index.ts';
 import { secretEquals } from '../../src/http/secret.ts';
 import { createTestDatabase, type TestDatabase } from '../support/db.ts';
 import { newRequest, resolvedRequest } from '../support/fixtures.ts';
@@ -9,6 +10,8 @@ const SECRET = 's3cr3t/with+odd&chars=ü';
 let db: TestDatabase;
 let app: RunningApp;
 let open: RunningApp; // the same database, no secret configured
+let rotating: RunningApp; // the same database, during a rotation: a new secret and the previous one
+const PREVIOUS = 'the-old-secret';
 const NEW = '/api/v1/new_request';
 const CLOSE = '/api/v1/close_request';
 const json = { 'content-type': 'application/json' };
@@ -17,10 +20,12 @@ beforeAll(async () => {
   db = await createTestDatabase();
   app = await startApp(db.url, { webhookSecret: SECRET });
   open = await startApp(db.url);
+  rotating = await startApp(db.url, { webhookSecret: SECRET, webhookSecretPrevious: PREVIOUS });
 });
 afterAll(async () => {
   await app?.close();
   await open?.close();
+  await rotating?.close();
   await db?.drop();
 });
 
@@ -82,5 +87,37 @@ describe('webhook secret', () => {
     expect(secretEquals('abc', '')).toBe(false);
     expect(secretEquals('abc', undefined)).toBe(false);
     expect(secretEquals('x'.repeat(10_000), 'x'.repeat(10_000))).toBe(true);
+  });
+});
+
+describe('rotating the secret (WEBHOOK_SECRET_PREVIOUS)', () => {
+  it('accepts the new and the previous secret, in the query or the header, and nothing else', async () => {
+    const q = (secret: string) => `${rotating.url}${NEW}?secret=${encodeURIComponent(secret)}`;
+    expect((await post(q(SECRET), newRequest('r1'))).status).toBe(200);
+    expect((await post(q(PREVIOUS), newRequest('r2'))).status).toBe(200);
+    expect((await post(rotating.url + NEW, newRequest('r3'), { ...json, 'x-webhook-secret': PREVIOUS })).status).toBe(200);
+    expect((await post(rotating.url + CLOSE, resolvedRequest('r2'), { ...json, 'x-webhook-secret': PREVIOUS })).json.outcome).toBe(
+      'resolved',
+    );
+    const before = await snapshot(db.pool);
+    for (const wrong of ['older-still', '', `${PREVIOUS},${SECRET}`]) {
+      expect((await post(q(wrong), newRequest('r4'))).status, wrong).toBe(401);
+    }
+    expect(await snapshot(db.pool)).toBe(before);
+    // Once the old one is dropped from the environment, it is refused (the first app has no previous secret).
+    expect((await post(`${app.url}${NEW}?secret=${PREVIOUS}`, newRequest('r5'))).status).toBe(401);
+  });
+
+  it('config: WEBHOOK_SECRET_PREVIOUS needs WEBHOOK_SECRET (except under npm start, which generates one)', () => {
+    const env = { DATABASE_URL: 'postgres://x/y', WEBHOOK_SECRET_PREVIOUS: 'old' };
+    expect(() => loadConfig('web', env)).toThrow(ConfigError);
+    expect(() => loadConfig('web', env)).toThrow(/WEBHOOK_SECRET_PREVIOUS.*WEBHOOK_SECRET/);
+    expect(loadConfig('web', { ...env, WEBHOOK_SECRET: 'new' })).toMatchObject({
+      WEBHOOK_SECRET: 'new',
+      WEBHOOK_SECRET_PREVIOUS: 'old',
+    });
+    expect(loadConfig('start', { QISCUS_APP_ID: 'a', QISCUS_SECRET_KEY: 'b', WEBHOOK_SECRET_PREVIOUS: 'old' }).WEBHOOK_SECRET_PREVIOUS).toBe(
+      'old',
+    );
   });
 });
