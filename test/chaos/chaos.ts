@@ -1,21 +1,32 @@
 /**
- * The chaos run (issue 7): the whole service as real processes — two `web`, three `listener` — against an embedded
- * PostgreSQL of its own, with the Qiscus simulator as Qiscus, all on loopback and bounded in time.
+ * The chaos run (issue 7; liveness added by issue 11): the whole service as real processes — two `web`, three
+ * `listener` — against an embedded PostgreSQL of its own, with the Qiscus simulator as Qiscus, all on loopback and
+ * bounded in time, at the SHIPPED DEFAULTS: the settings table as migrated (lease 30 s, backoff from 2 s up to
+ * 300 s, 8 attempts, outage after 5 failures, probe every 1 s; only default_max_load is written, to the same 2),
+ * AGENT_SYNC_SECONDS 30, SWEEP_SECONDS 5 (passed explicitly: the test helpers elsewhere shorten them), and the
+ * listener's own defaults (Qiscus timeout 10 s, 8 calls in flight). Nothing is shortened to make the checks pass.
  *
  * While it runs:
  *   - customers: new rooms arrive steadily and in bursts; the allocation webhook is repeated (duplicate customer
  *     messages); a webhook that did not get a 200 is sent again later, as the customer's next message would; some
- *     resolved rooms come back (same room id, new session); some webhooks are delivered again, late, as an
- *     at-least-once sender may do;
- *   - agents resolve their rooms after a while; a resolution that did not get a 200 is sent again until it does;
- *   - Qiscus (the simulator) answers slowly, with 5xx, 429 + Retry-After, never (hangs), or assigns and then says
- *     500; now and then its latency jumps above the listeners' timeout;
- *   - a web or listener process is killed with SIGKILL every 10-20 s and restarted after a moment;
+ *     resolved rooms come back (same room id, new session), some of them within a second; some webhooks are
+ *     delivered again, late, as an at-least-once sender may do;
+ *   - agents resolve their rooms after 3-12 s, and 30% of them within 0.1-0.5 s of getting them; a resolution that
+ *     did not get a 200 is sent again until it does;
+ *   - Qiscus (the simulator) answers slowly (5-300 ms), with 10% 5xx, 3% 429 + Retry-After, 2% never (hangs), or
+ *     3% assigns and then says 500; now and then its latency jumps for a few seconds (1.5-3.5 s, or beyond the
+ *     listeners' 10 s timeout);
+ *   - a listener is killed with kill -9 every 3-6 s, a web process every 10-20 s, each restarted after a moment;
  *   - PostgreSQL is stopped for 1-5 s every 20-30 s.
  * Then it stops injecting, heals everything, drains (agents resolve until nothing waits), and checks — counting,
- * never assuming — what the service's invariants promise. `runChaos` returns the report; `formatReport` prints it.
+ * never assuming — what the service's invariants promise: safety (nothing lost, nobody over capacity, no room with
+ * two agents) and liveness, watched DURING the run by liveness.ts (a waiting room with a free agent gets its assign
+ * call within the bound; the excuses allowed are listed there), the time from each allocation webhook's 2xx to its
+ * assign call, and the time to settle once the traffic stops. `runChaos` returns the report; `formatReport` prints
+ * it.
  */
 import { rm } from 'node:fs/promises';
+import os from 'node:os';
 import path from 'node:path';
 import pg from 'pg';
 import { freePort, startEmbeddedPostgres, tempDataDir, type EmbeddedServer } from '../../src/db/embedded.ts';
@@ -27,6 +38,14 @@ import {
   type WebhookResult,
 } from '../../src/simulator/qiscus-simulator.ts';
 import { APP_ID, SECRET_KEY, sleep, spawnProc, type Proc } from '../support/processes.ts';
+import { BOUND_MS, LivenessWatch, percentile, type LivenessFigures } from './liveness.ts';
+import { startQiscusTap, type QiscusTap } from './qiscus-tap.ts';
+
+/** Share of rooms an agent resolves within 0.1-0.5 s of getting it. */
+const FAST_RESOLVE_SHARE = 0.3;
+/** Bounds checked on every run (see the header of liveness.ts for the liveness bound and its excuses). */
+export const WEBHOOK_TO_ASSIGN_P95_MS = 2000;
+export const SETTLE_MS = 5000;
 
 // ------------------------------------------------------------------------------------------------------------------
 // Options and report
@@ -64,6 +83,10 @@ export interface Check {
 
 export interface ChaosReport {
   seed: number;
+  /** Date.now() at the start (the times in the timelines count from it). */
+  startedAt: number;
+  /** The machine's 1-minute load average at the start and at the end, and its cores (timing figures need it). */
+  load: { start: number; end: number; cores: number };
   chaosSeconds: number;
   drainSeconds: number;
   drained: boolean;
@@ -76,6 +99,8 @@ export interface ChaosReport {
     resentNewRequests: number;
     resentResolutions: number;
     lateRedeliveries: number;
+    fastResolutions: number;
+    fastReturns: number;
   };
   webhooks: {
     sent: number;
@@ -107,9 +132,23 @@ export interface ChaosReport {
     secondAgentCalls: number;
     /** Rooms the simulator shows held although the driver had already resolved them (an assignment that landed after the resolution). */
     reopenedAfterResolution: number;
+    /** Of those still held at the end: counted by the database on their agent (external_load). */
+    countedExternal: number;
   };
   faults: Record<string, number>;
   processes: Array<{ name: string; kills: number; starts: number; alive: boolean; errorLines: number }>;
+  liveness: LivenessFigures & {
+    /** From the traffic stopping (faults off, every process serving) until no room waits with a free agent. */
+    settleMs: number | null;
+    /** Allocation webhook's 2xx → the room's first assign call (ms), for sessions that found a free slot. */
+    webhookToAssign: Latencies;
+    /** The same, to the moment Qiscus decided the call (`sim.assignments[].at`: includes Qiscus's latency). */
+    webhookToAssignDecided: Latencies;
+    /** The same for every session, including those that had to queue for a slot (informational). */
+    webhookToAssignAll: Latencies;
+    /** Sessions whose webhook got a 2xx and that never had an assign call. */
+    sessionsWithoutCall: number;
+  };
   checks: Check[];
   ok: boolean;
   /** Timelines of the rooms a failed check is about (driver, simulator and database, merged by time). */
@@ -139,7 +178,7 @@ class Slot {
   constructor(
     readonly name: string,
     readonly kind: 'web' | 'listener',
-    private readonly env: Record<string, string>,
+    private readonly env: Record<string, string | undefined>,
     readonly url?: string,
   ) {}
 
@@ -257,6 +296,19 @@ interface Room {
   /** When the agent holding the room resolves it. */
   resolveAt: number | null;
   returnAt: number | null;
+  /** When the current session's allocation webhook first got its 2xx (null until then): the allocator knows it. */
+  acceptedAt: number | null;
+  /** The agent Qiscus took the room off at its resolution, while that webhook has no 2xx yet (state 'closing'). */
+  closingFrom: number | null;
+}
+
+/** One customer session, for the webhook → assign figures. */
+interface SessionLog {
+  room: string;
+  session: number;
+  acceptedAt: number;
+  /** A free slot (as the liveness watch counts them) was there for it when its webhook was sent. */
+  hadFreeSlot: boolean;
 }
 
 interface Accepted {
@@ -287,6 +339,7 @@ export async function runChaos(opts: ChaosOptions = {}): Promise<ChaosReport> {
   const pick = <T>(xs: readonly T[]): T => xs[Math.floor(rand() * xs.length)]!;
 
   const t0 = Date.now();
+  const loadAtStart = os.loadavg()[0]!;
   const elapsed = () => ((Date.now() - t0) / 1000).toFixed(1).padStart(6);
   const say = (msg: string) => log(`[chaos ${elapsed()}s] ${msg}`);
 
@@ -298,6 +351,8 @@ export async function runChaos(opts: ChaosOptions = {}): Promise<ChaosReport> {
   let srv: EmbeddedServer | undefined;
   let sim: Simulator | undefined;
   let pool: pg.Pool | undefined;
+  let tap: QiscusTap | undefined;
+  let watch: LivenessWatch | undefined;
   const slots: Slot[] = [];
   const realFetch = globalThis.fetch;
 
@@ -306,16 +361,14 @@ export async function runChaos(opts: ChaosOptions = {}): Promise<ChaosReport> {
     await runMigrations(srv.url);
     pool = new pg.Pool({ connectionString: srv.url, max: 4, connectionTimeoutMillis: 2000 });
     pool.on('error', () => {}); // PostgreSQL restarts under it
-    const settings: Record<string, string> = {
-      default_max_load: String(capacity),
-      lease_seconds: '4',
-      retry_base_seconds: '0.3',
-      retry_max_seconds: '3',
-      max_attempts: '50',
-    };
-    for (const [k, v] of Object.entries(settings)) {
-      await pool.query(`update allocator.settings set value = $2 where key = $1`, [k, v]);
-    }
+    // The shipped settings, except the capacity when a caller asks for another (the default is the same 2).
+    await pool.query(`update allocator.settings set value = $1 where key = 'default_max_load'`, [String(capacity)]);
+    const shipped = (
+      await pool.query<{ base: string; max: string; failures: number; lease: string }>(
+        `select allocator.retry_base_seconds()::text as base, allocator.retry_max_seconds()::text as max,
+                allocator.outage_failures() as failures, extract(epoch from allocator.lease())::text as lease`,
+      )
+    ).rows[0]!;
 
     sim = await startSimulator({
       appId: APP_ID,
@@ -325,23 +378,27 @@ export async function runChaos(opts: ChaosOptions = {}): Promise<ChaosReport> {
     });
     const baseFaults = {
       latencyMs: [5, 300] as [number, number],
-      errorRate: 0.05,
+      errorRate: 0.1,
       rate429: 0.03,
       retryAfterSeconds: 1,
       hangRate: 0.02,
       acceptThenFailRate: 0.03,
     };
     sim.setFaults(baseFaults);
+    // The listeners reach the simulator through the tap, which sees each assign call start and end.
+    tap = await startQiscusTap(sim.url);
 
+    // The product's defaults, written out: spawnProc passes our environment on, and the test helpers elsewhere
+    // shorten the roster and sweep periods. QISCUS_TIMEOUT_MS (10 s) and LISTENER_CONCURRENCY (8) stay unset.
     const env = {
       DATABASE_URL: srv.url,
-      QISCUS_BASE_URL: sim.url,
+      QISCUS_BASE_URL: tap.url,
       QISCUS_APP_ID: APP_ID,
       QISCUS_SECRET_KEY: SECRET_KEY,
-      QISCUS_TIMEOUT_MS: '2000',
-      SWEEP_SECONDS: '1',
-      AGENT_SYNC_SECONDS: '2',
-      LISTENER_CONCURRENCY: '8',
+      SWEEP_SECONDS: '5',
+      AGENT_SYNC_SECONDS: '30',
+      QISCUS_TIMEOUT_MS: undefined,
+      LISTENER_CONCURRENCY: undefined,
       METRICS_PORT: '0',
       LOG_LEVEL: 'info',
     };
@@ -352,7 +409,10 @@ export async function runChaos(opts: ChaosOptions = {}): Promise<ChaosReport> {
     for (let i = 1; i <= 3; i++) slots.push(new Slot(`listener-${i}`, 'listener', env));
     await Promise.all(slots.map((s) => s.start()));
     const webs = slots.filter((s) => s.kind === 'web');
-    say(`seed ${seed}; PostgreSQL on ${srv.port}; simulator ${sim.url}; ${webs.map((w) => w.url).join(', ')}; 3 listeners`);
+    say(
+      `seed ${seed}; PostgreSQL on ${srv.port}; simulator ${sim.url} (tap ${tap.url}); ${webs.map((w) => w.url).join(', ')}; 3 listeners; ` +
+        `lease ${shipped.lease} s, backoff ${shipped.base}-${shipped.max} s, roster every 30 s, sweep every 5 s`,
+    );
 
     // ---------- webhooks out ----------
     // Every webhook body posted, captured from the simulator's fetch, so that a late copy can be delivered again.
@@ -389,6 +449,8 @@ export async function runChaos(opts: ChaosOptions = {}): Promise<ChaosReport> {
       resentNewRequests: 0,
       resentResolutions: 0,
       lateRedeliveries: 0,
+      fastResolutions: 0,
+      fastReturns: 0,
     };
 
     const record = (kind: Kind, room: string, r: WebhookResult, redelivery: boolean, body?: string): boolean => {
@@ -469,6 +531,45 @@ export async function runChaos(opts: ChaosOptions = {}): Promise<ChaosReport> {
     let nextRoom = 1;
     let phase: 'chaos' | 'drain' | 'hold' | 'final' = 'chaos';
     let reopened = 0;
+    let pgUp = true;
+    let lastPgUp = 0;
+    let lastListenerKill = 0;
+    const sessionLog: SessionLog[] = [];
+    const liveness = new LivenessWatch({
+      sim,
+      tap,
+      rooms: () => rooms.values(),
+      room: (id) => rooms.get(id),
+      settings: {
+        capacity,
+        retryBaseSeconds: Number(shipped.base),
+        retryMaxSeconds: Number(shipped.max),
+        outageFailures: shipped.failures,
+      },
+      pool,
+      databaseUrl: srv.url,
+      pgUp: () => pgUp,
+      listenersServing: () => slots.filter((x) => x.kind === 'listener' && x.running && x.ready).length,
+      context: () => {
+        const ago = (t: number) => (t ? `${((Date.now() - t) / 1000).toFixed(1)} s ago` : 'never');
+        const serving = slots.filter((x) => x.kind === 'listener' && x.running && x.ready).map((x) => x.name);
+        return `at ${elapsed().trim()} s; listeners serving: ${serving.join(', ') || 'none'}; PostgreSQL ${pgUp ? `up since ${ago(lastPgUp)}` : 'down'}; last listener kill ${ago(lastListenerKill)}; latency ${JSON.stringify(sim!.faults.latencyMs)}`;
+      },
+    });
+    watch = liveness;
+
+    /** The allocation webhook of room `r`'s current session (first, again, or a second copy at once). */
+    const postNew = (r: Room): Promise<boolean> => {
+      const session = r.sessions;
+      const before = liveness.freeSlotsAndWaiting(r.id);
+      return viaSim('new_request', r.id, () => sim!.sendNewRequest(r.id)).then((ok) => {
+        if (ok && r.sessions === session && r.state === 'open' && r.acceptedAt === null) {
+          r.acceptedAt = Date.now();
+          sessionLog.push({ room: r.id, session, acceptedAt: r.acceptedAt, hadFreeSlot: before.free > before.waiting });
+        }
+        return ok;
+      });
+    };
 
     const arrive = () => {
       const id = `c${String(nextRoom++).padStart(5, '0')}`;
@@ -483,6 +584,8 @@ export async function runChaos(opts: ChaosOptions = {}): Promise<ChaosReport> {
         nextCloseAt: 0,
         resolveAt: null,
         returnAt: null,
+        acceptedAt: null,
+        closingFrom: null,
       };
       rooms.set(id, r);
       customers.rooms++;
@@ -490,7 +593,7 @@ export async function runChaos(opts: ChaosOptions = {}): Promise<ChaosReport> {
       if (chance(0.1)) {
         // the customer sent two messages at once: two copies of the webhook race
         customers.duplicateMessages++;
-        void track(viaSim('new_request', id, () => sim!.sendNewRequest(id)));
+        void track(postNew(r));
       }
     };
 
@@ -498,7 +601,7 @@ export async function runChaos(opts: ChaosOptions = {}): Promise<ChaosReport> {
       if (resend) customers.resentNewRequests++;
       r.newInFlight = true;
       void track(
-        viaSim('new_request', r.id, () => sim!.sendNewRequest(r.id)).then((ok) => {
+        postNew(r).then((ok) => {
           r.newInFlight = false;
           if (ok) r.needNew = false;
           else r.nextNewAt = Date.now() + between(300, 1500);
@@ -509,7 +612,10 @@ export async function runChaos(opts: ChaosOptions = {}): Promise<ChaosReport> {
     /** The agent resolves the room in Qiscus; the webhook is sent until it gets a 200. */
     const sendClose = (r: Room, resend: boolean) => {
       if (resend) customers.resentResolutions++;
-      else ev(r.id, `agent ${sim!.agentOf(r.id) ?? 'none'} resolves the room in Qiscus`);
+      else {
+        ev(r.id, `agent ${sim!.agentOf(r.id) ?? 'none'} resolves the room in Qiscus`);
+        r.closingFrom = sim!.agentOf(r.id);
+      }
       r.state = 'closing';
       r.needNew = false; // resolved: the customer's earlier message needs no agent any more
       r.resolveAt = null;
@@ -522,7 +628,13 @@ export async function runChaos(opts: ChaosOptions = {}): Promise<ChaosReport> {
             return;
           }
           r.state = 'closed';
-          if (phase === 'chaos' && chance(0.2)) r.returnAt = Date.now() + between(1000, 8000);
+          r.closingFrom = null;
+          if (phase === 'chaos' && chance(0.2)) {
+            // a returning customer; one in ten writes again within a second of the resolution
+            const fast = chance(0.1);
+            if (fast) customers.fastReturns++;
+            r.returnAt = Date.now() + (fast ? between(200, 1000) : between(1000, 8000));
+          }
           // Qiscus delivering the same resolution twice, at once
           const last = acceptedBodies.at(-1);
           if (lateCopies && phase === 'chaos' && chance(0.05) && last?.room === r.id && last.kind === 'close_request') {
@@ -542,6 +654,21 @@ export async function runChaos(opts: ChaosOptions = {}): Promise<ChaosReport> {
           overSeen.add(a.id);
           overCapacity.push(...a.rooms);
           for (const id of a.rooms) ev(id, `driver: agent ${a.id} holds ${a.rooms.length} rooms in Qiscus: ${a.rooms.join(', ')}`);
+          // what the database says about that agent right now
+          void pool!
+            .query(
+              `select (select row_to_json(x) from (select our_load, external_load, external_seen, qiscus_load,
+                              round(extract(epoch from now() - synced_at)::numeric, 2) as synced_ago_s,
+                              round(extract(epoch from now() - external_hold_until)::numeric, 2) as hold_until_ago_s
+                            from allocator.agents where id = $1) x)::text as agent,
+                      (select json_agg(y)::text from (select room_id, state, holds_slot, uncertain, attempt_id
+                            from allocator.sessions where agent_id = $1 and state in ('waiting', 'reserved', 'assigned')) y) as sessions`,
+              [a.id],
+            )
+            .then((r) => {
+              for (const id of a.rooms) ev(id, `db: agent ${a.id} ${String(r.rows[0]?.agent)}; its open sessions ${String(r.rows[0]?.sessions)}`);
+            })
+            .catch(() => {});
         }
       }
       // Agents: each room an agent holds is resolved a while after the agent got it.
@@ -556,18 +683,21 @@ export async function runChaos(opts: ChaosOptions = {}): Promise<ChaosReport> {
                 reopened++;
                 ev(id, `driver: Qiscus shows agent ${a.id} holding the room again after its resolution`);
                 r.state = 'open';
+                r.closingFrom = null;
                 r.returnAt = null;
                 r.needNew = false;
               } else continue;
             }
             r.needNew = false; // it has an agent: Qiscus sends no allocation webhook
             if (r.resolveAt === null) {
-              // At least 2 s even while draining: a call that timed out may still reach Qiscus up to 1.5 s after
-              // the timeout (latency spikes go to 3.5 s, the timeout is 2 s). Resolving sooner lets such a call land
-              // on the resolved room, which Qiscus (the simulator) re-opens: nothing the allocator can know about
-              // (the attempt is over), only the next roster sync sees it.
-              r.resolveAt = now + (phase === 'chaos' ? between(3000, 12_000) : between(2000, 4000));
+              const fast = chance(FAST_RESOLVE_SHARE);
+              if (fast) customers.fastResolutions++;
+              r.resolveAt = now + (fast ? between(100, 500) : phase === 'chaos' ? between(3000, 12_000) : between(500, 4000));
             } else if (r.resolveAt <= now && !r.closeInFlight) {
+              // Not while an assign call for the room is still undecided at Qiscus (slow, or its listener gone):
+              // landing after the resolution, it would open the room again (as the simulator does), which nobody
+              // can know until a roster pull. The agent resolves the moment Qiscus has decided it.
+              if (liveness.undecided(r.id) > 0) continue;
               sendClose(r, false);
             }
           }
@@ -592,6 +722,7 @@ export async function runChaos(opts: ChaosOptions = {}): Promise<ChaosReport> {
           r.state = 'open';
           r.needNew = true;
           r.resolveAt = null;
+          r.acceptedAt = null;
           customers.returning++;
           sendNew(r, false);
         }
@@ -606,26 +737,70 @@ export async function runChaos(opts: ChaosOptions = {}): Promise<ChaosReport> {
       while (Date.now() < end && chaosOn()) await sleep(Math.min(100, end - Date.now()));
     };
     let pgDownMs = 0;
-    let pgUp = true;
 
-    const killer = (async () => {
+    const restartLater = (s: Slot, down: number) =>
+      void (async () => {
+        await sleep(down);
+        try {
+          await s.start();
+          say(`${s.name} back`);
+        } catch (e) {
+          say(`${s.name} did not start: ${(e instanceof Error ? e.message : String(e)).split('\n')[0]}`);
+        }
+      })();
+
+    /** The listener's presence id (src/listener/presence.ts): its reservations carry it as their owner. */
+    const presenceId = (s: Slot): number | null => {
+      for (const line of [...(s.proc?.lines ?? [])].reverse()) {
+        if (!line.includes('listener registered')) continue;
+        try {
+          const id = (JSON.parse(line) as { listener?: unknown }).listener;
+          if (typeof id === 'number') return id;
+        } catch {
+          /* not JSON */
+        }
+      }
+      return null;
+    };
+
+    // A listener killed every 3-6 s (one at a time, never the last one serving), back after 0.5-2 s.
+    const listenerKiller = (async () => {
+      await waitUntil(between(3000, 6000));
+      while (chaosOn()) {
+        const serving = slots.filter((x) => x.kind === 'listener' && x.running && x.ready);
+        if (serving.length >= 2) {
+          const s = pick(serving);
+          const owner = presenceId(s);
+          const addReserved = liveness.listenerKilled();
+          lastListenerKill = Date.now();
+          await s.kill();
+          fault('kill -9 listener');
+          say(`kill -9 ${s.name}`);
+          if (owner !== null && pgUp) {
+            pool!
+              .query<{ room_id: string; agent_id: string }>(
+                `select room_id, agent_id::text from allocator.sessions where state = 'reserved' and owner = $1`,
+                [owner],
+              )
+              .then((r) => addReserved(r.rows.map((x) => ({ room: x.room_id, agent: Number(x.agent_id) }))))
+              .catch(() => {});
+          }
+          restartLater(s, between(500, 2000));
+        }
+        await waitUntil(between(3000, 6000));
+      }
+    })();
+
+    // A web process killed every 10-20 s, back after 0.5-3 s.
+    const webKiller = (async () => {
       await waitUntil(between(5000, 10_000));
       while (chaosOn()) {
-        const s = pick(slots.filter((x) => x.running));
+        const s = pick(slots.filter((x) => x.kind === 'web' && x.running && x.ready));
         if (s) {
           await s.kill();
-          fault(s.kind === 'web' ? 'kill -9 web' : 'kill -9 listener');
+          fault('kill -9 web');
           say(`kill -9 ${s.name}`);
-          const down = between(500, 3000);
-          void (async () => {
-            await sleep(down);
-            try {
-              await s.start();
-              say(`${s.name} back`);
-            } catch (e) {
-              say(`${s.name} did not start: ${(e instanceof Error ? e.message : String(e)).split('\n')[0]}`);
-            }
-          })();
+          restartLater(s, between(500, 3000));
         }
         await waitUntil(between(10_000, 20_000));
       }
@@ -638,6 +813,7 @@ export async function runChaos(opts: ChaosOptions = {}): Promise<ChaosReport> {
         say(`PostgreSQL stop for ${(down / 1000).toFixed(1)} s`);
         const t = Date.now();
         pgUp = false;
+        liveness.pgStopping();
         await srv!.stop();
         fault('PostgreSQL restart');
         await sleep(down);
@@ -651,6 +827,8 @@ export async function runChaos(opts: ChaosOptions = {}): Promise<ChaosReport> {
           }
         }
         pgUp = true;
+        lastPgUp = Date.now();
+        liveness.pgStarted();
         pgDownMs += Date.now() - t;
         say('PostgreSQL up');
         await waitUntil(between(20_000, 30_000));
@@ -660,16 +838,24 @@ export async function runChaos(opts: ChaosOptions = {}): Promise<ChaosReport> {
     const spikes = (async () => {
       await waitUntil(between(8000, 15_000));
       while (chaosOn()) {
-        // Qiscus slower than the listeners' timeout: calls time out, and some land after it
-        fault('Qiscus latency spike over the timeout');
-        sim!.setFaults({ latencyMs: [1500, 3500] });
-        await waitUntil(between(2000, 5000));
+        if (chance(0.7)) {
+          // Qiscus slow for a few seconds: calls pile up in flight, the rooms behind them must not wait
+          fault('Qiscus latency spike (1.5-3.5 s)');
+          sim!.setFaults({ latencyMs: [1500, 3500] });
+          await waitUntil(between(2000, 5000));
+        } else {
+          // slower than the listeners' timeout (10 s): calls time out, and some land after it
+          fault('Qiscus latency spike over the timeout (9-12 s)');
+          sim!.setFaults({ latencyMs: [9000, 12_000] });
+          await waitUntil(between(1000, 2000));
+        }
         sim!.setFaults({ latencyMs: baseFaults.latencyMs });
         await waitUntil(between(20_000, 35_000));
       }
     })();
 
     // ---------- the chaos phase ----------
+    liveness.start();
     let nextProgress = Date.now() + 10_000;
     let nextBurst = Date.now() + between(15_000, 25_000);
     let arrivalCredit = 0;
@@ -725,7 +911,7 @@ export async function runChaos(opts: ChaosOptions = {}): Promise<ChaosReport> {
     // Healing runs while the driver keeps going (agents resolve, webhooks are sent again), as it would for real.
     let healed = false;
     const healing = (async () => {
-      await Promise.all([killer, pgRestarts, spikes]);
+      await Promise.all([listenerKiller, webKiller, pgRestarts, spikes]);
       sim!.clearFaults();
       await Promise.all(
         slots.map(async (s) => {
@@ -740,6 +926,8 @@ export async function runChaos(opts: ChaosOptions = {}): Promise<ChaosReport> {
       );
       healed = slots.every((s) => s.ready);
       say(healed ? 'healed: every process serving' : 'NOT healed: a process would not start');
+      // The traffic and the faults have stopped: from now on, nothing that could be assigned may wait long.
+      liveness.trafficStopped();
     })();
 
     // ---------- drain: agents resolve until nothing waits ----------
@@ -781,6 +969,7 @@ export async function runChaos(opts: ChaosOptions = {}): Promise<ChaosReport> {
     // ---------- hold: nobody resolves; Qiscus and the database must agree on every open room ----------
     phase = 'hold';
     const mismatches: string[] = [];
+    let countedExternal = 0;
     {
       const end = Date.now() + 5000;
       while (!driverIdle() && Date.now() < end) {
@@ -797,6 +986,10 @@ export async function runChaos(opts: ChaosOptions = {}): Promise<ChaosReport> {
         if (simAgent !== agent) mismatches.push(`room ${room}: database says agent ${agent}, Qiscus ${simAgent ?? 'none'}`);
       }
       for (const a of sim.agents()) {
+        // Rooms Qiscus shows on the agent that the database has resolved: an assign call that landed after the
+        // resolution (settle_resolved_in_flight). Right when the database counts them on that agent as rooms it
+        // holds without us (external_load) until a roster pull says otherwise; wrong when it counts them nowhere.
+        const landedAfter: string[] = [];
         for (const room of a.rooms) {
           if (dbAgent.get(room) !== a.id) {
             const s = await pool.query<{ state: string; agent_id: string | null }>(
@@ -804,9 +997,24 @@ export async function runChaos(opts: ChaosOptions = {}): Promise<ChaosReport> {
               [room],
             );
             const x = s.rows[0];
+            if (x?.state === 'resolved' && x.agent_id === String(a.id)) {
+              landedAfter.push(room);
+              continue;
+            }
             mismatches.push(
               `room ${room}: Qiscus shows agent ${a.id}, database ${x ? `${x.state} (agent ${x.agent_id ?? 'none'})` : 'has no session'}`,
             );
+          }
+        }
+        if (landedAfter.length) {
+          const ext = (await pool.query<{ n: number }>(`select external_load as n from allocator.agents where id = $1`, [a.id])).rows[0]?.n ?? 0;
+          if (ext >= landedAfter.length) countedExternal += landedAfter.length;
+          else {
+            for (const room of landedAfter) {
+              mismatches.push(
+                `room ${room}: Qiscus shows agent ${a.id} holding it after its resolution, database counts ${ext} such room(s) on the agent`,
+              );
+            }
           }
         }
       }
@@ -815,6 +1023,8 @@ export async function runChaos(opts: ChaosOptions = {}): Promise<ChaosReport> {
 
     // ---------- final: every room resolved ----------
     phase = 'final';
+    liveness.stop();
+    const settleMs = liveness.settleMs;
     {
       const dbOpen = await pool.query<{ room_id: string }>(
         `select room_id from allocator.sessions where state = 'assigned'`,
@@ -906,9 +1116,11 @@ export async function runChaos(opts: ChaosOptions = {}): Promise<ChaosReport> {
       }
     }
     const twice = [...perSession].filter(([, e]) => e.fresh > 1 || e.agents.size > 1);
-    for (const [k] of twice) implicate(k.slice(0, k.lastIndexOf('#')), 'assigned twice in one session');
+    const violations = liveness.realViolations();
     for (const room of overCapacity) implicate(room, 'on an agent over capacity');
+    for (const [k] of twice) implicate(k.slice(0, k.lastIndexOf('#')), 'assigned twice in one session');
     for (const m of mismatches) implicate(/^room (\S+):/.exec(m)?.[1] ?? '', 'Qiscus and the database disagree');
+    for (const v of violations) implicate(v.room, 'liveness: waited with a free agent');
     implicated.delete('');
 
     // Timelines of the rooms a check failed on: what the driver did, what Qiscus saw, what the database recorded.
@@ -925,6 +1137,19 @@ export async function runChaos(opts: ChaosOptions = {}): Promise<ChaosReport> {
         if (a.room_id !== room) continue;
         const what = a.status === 0 ? 'left hanging' : `answered ${a.status}${a.fault ? ` (${a.fault})` : ''}${a.repeat ? ' (repeat)' : ''}`;
         lines.push({ at: a.at, text: `qiscus: assign agent ${a.agent_id} → ${what}; session ${a.session}` });
+      }
+      for (const c of tap.calls) {
+        if (c.room !== room) continue;
+        lines.push({ at: c.start, text: `tap: call #${c.n} to agent ${c.agent} starts (driver session ${String(c.session)})` });
+        if (c.end !== undefined) {
+          const how = c.upstreamError ? 'Qiscus unreachable' : c.clientGone ? 'the listener went away' : `answer ${String(c.status)}`;
+          lines.push({ at: c.end, text: `tap: call #${c.n} ends: ${how}` });
+        }
+      }
+      for (const v of violations) {
+        if (v.room !== room) continue;
+        lines.push({ at: v.firstSeen, text: `watch: agent ${v.agent} free for the waiting room` });
+        lines.push({ at: v.detectedAt, text: `watch: VIOLATION, still no call after ${(v.ageMs / 1000).toFixed(2)} s: ${v.counts}; db: ${v.db}` });
       }
       const ms = (col: string) => `(extract(epoch from ${col}) * 1000)::float8`;
       const wh = await pool.query<{ at: number; kind: string; outcome: string; session_id: string; id: string }>(
@@ -956,6 +1181,11 @@ export async function runChaos(opts: ChaosOptions = {}): Promise<ChaosReport> {
         lines.push({ at: a.at, text: `db: attempt ${a.id} (session ${a.session_id}, #${a.number}) reserves agent ${a.agent_id}` });
         if (a.fin) lines.push({ at: a.fin, text: `db: attempt ${a.id} → ${String(a.outcome)}${a.error ? `: ${a.error.slice(0, 120)}` : ''}` });
       }
+      if (lines.length) {
+        const from = Math.min(...lines.map((l) => l.at));
+        const to = Math.max(...lines.map((l) => l.at));
+        for (const t of tap.pulls) if (t >= from && t <= to) lines.push({ at: t, text: 'tap: a listener pulls the roster' });
+      }
       lines.sort((x, y) => x.at - y.at);
       forensics.push(`room ${room} (${why}):`);
       for (const l of lines.slice(0, 80)) forensics.push(`  ${((l.at - t0) / 1000).toFixed(3).padStart(8)} s  ${l.text}`);
@@ -979,6 +1209,39 @@ export async function runChaos(opts: ChaosOptions = {}): Promise<ChaosReport> {
     }));
     const startFailures = slots.flatMap((s) => s.startFailures);
     const errorExamples = slots.flatMap((s) => s.errorLines().slice(0, 3).map((l) => `${s.name}: ${l.slice(0, 300)}`));
+
+    // ---------- liveness figures ----------
+    const firstCall = new Map<string, NonNullable<typeof tap.calls[number]>>();
+    for (const c of tap.calls) {
+      const k = `${c.room}#${String(c.session)}`;
+      if (!firstCall.has(k)) firstCall.set(k, c);
+    }
+    const decidedByRoom = new Map<string, number[]>();
+    for (const a of sim.assignments) {
+      const xs = decidedByRoom.get(a.room_id) ?? [];
+      xs.push(a.at);
+      decidedByRoom.set(a.room_id, xs);
+    }
+    const toCall: number[] = [];
+    const toDecided: number[] = [];
+    const toCallAll: number[] = [];
+    let neverCalled = 0;
+    for (const x of sessionLog) {
+      const c = firstCall.get(`${x.room}#${x.session}`);
+      if (!c) {
+        neverCalled++;
+        continue;
+      }
+      const d = Math.max(0, c.start - x.acceptedAt);
+      toCallAll.push(d);
+      if (!x.hadFreeSlot) continue;
+      toCall.push(d);
+      const at = (decidedByRoom.get(x.room) ?? []).find((t) => t >= c.start);
+      if (at !== undefined) toDecided.push(Math.max(0, at - x.acceptedAt));
+    }
+    const webhookToAssign = latencies(toCall);
+    const ms = (x: number) => (Number.isNaN(x) ? '-' : `${Math.round(x)} ms`);
+    const lf = liveness.figures;
 
     const sample = (xs: string[]) => (xs.length ? xs.slice(0, 5).join('; ') + (xs.length > 5 ? `; … (${xs.length})` : '') : undefined);
     const checks: Check[] = [
@@ -1043,6 +1306,27 @@ export async function runChaos(opts: ChaosOptions = {}): Promise<ChaosReport> {
         value: `${loads.rows[0]!.load} / ${sim.agents().reduce((n, a) => n + a.rooms.length, 0)}`,
       },
       {
+        name: `liveness: a waiting room with a free agent gets its assign call within ${BOUND_MS / 1000} s`,
+        ok: violations.length === 0,
+        value: `${violations.length} violations (${lf.conditions} conditions seen, longest unexcused wait ${(lf.maxAgeMs / 1000).toFixed(2)} s)`,
+        detail: violations.length
+          ? violations
+              .slice(0, 8)
+              .map((v) => `room ${v.room} / agent ${v.agent}${v.agents.length > 1 ? ` (free too: ${v.agents.slice(1).join(', ')})` : ''} [${v.cause}] (${v.context}): no call for ${(v.ageMs / 1000).toFixed(2)} s; ${v.counts}; calls: ${v.calls}; db: ${v.db}`)
+              .join('\n       ') + (violations.length > 8 ? `\n       … (${violations.length})` : '')
+          : undefined,
+      },
+      {
+        name: `webhook 2xx → assign call, p95 ≤ ${WEBHOOK_TO_ASSIGN_P95_MS / 1000} s (sessions that found a free slot)`,
+        ok: webhookToAssign.n > 0 && webhookToAssign.p95 <= WEBHOOK_TO_ASSIGN_P95_MS,
+        value: `${ms(webhookToAssign.p95)} (n ${webhookToAssign.n}; p50 ${ms(webhookToAssign.p50)}, p99 ${ms(webhookToAssign.p99)}, max ${ms(webhookToAssign.max)})`,
+      },
+      {
+        name: `settled within ${SETTLE_MS / 1000} s after the traffic stopped`,
+        ok: settleMs !== null && settleMs <= SETTLE_MS,
+        value: settleMs === null ? 'never' : `${(settleMs / 1000).toFixed(2)} s`,
+      },
+      {
         name: 'processes (re)started and serving within 30 s',
         ok: startFailures.length === 0,
         value: `${startFailures.length} failed`,
@@ -1063,6 +1347,8 @@ export async function runChaos(opts: ChaosOptions = {}): Promise<ChaosReport> {
 
     const report: ChaosReport = {
       seed,
+      startedAt: t0,
+      load: { start: loadAtStart, end: os.loadavg()[0]!, cores: os.cpus().length },
       chaosSeconds,
       drainSeconds,
       drained,
@@ -1094,9 +1380,19 @@ export async function runChaos(opts: ChaosOptions = {}): Promise<ChaosReport> {
         roomsAssignedTwice: twice.length,
         secondAgentCalls,
         reopenedAfterResolution: reopened,
+        countedExternal,
       },
       faults,
       processes,
+      liveness: {
+        ...lf,
+        violations,
+        settleMs,
+        webhookToAssign,
+        webhookToAssignDecided: latencies(toDecided),
+        webhookToAssignAll: latencies(toCallAll),
+        sessionsWithoutCall: neverCalled,
+      },
       checks,
       ok: checks.every((c) => c.ok),
       forensics,
@@ -1104,12 +1400,28 @@ export async function runChaos(opts: ChaosOptions = {}): Promise<ChaosReport> {
     return report;
   } finally {
     globalThis.fetch = realFetch;
+    watch?.stop();
     await Promise.allSettled(slots.map((s) => s.stop()));
+    await tap?.close().catch(() => {});
     await sim?.close().catch(() => {});
     await pool?.end().catch(() => {});
     await srv?.stop().catch(() => {});
-    await rm(path.dirname(dataDir), { recursive: true, force: true }).catch(() => {});
+    // CHAOS_KEEP_DATA=1 keeps the database's files for a look afterwards (start it with startEmbeddedPostgres).
+    if (process.env.CHAOS_KEEP_DATA) log(`[chaos] database files kept in ${dataDir}`);
+    else await rm(path.dirname(dataDir), { recursive: true, force: true }).catch(() => {});
   }
+}
+
+export interface Latencies {
+  n: number;
+  p50: number;
+  p95: number;
+  p99: number;
+  max: number;
+}
+
+function latencies(xs: number[]): Latencies {
+  return { n: xs.length, p50: percentile(xs, 50), p95: percentile(xs, 95), p99: percentile(xs, 99), max: xs.length ? Math.max(...xs) : NaN };
 }
 
 function countBy<T>(xs: T[], key: (x: T) => string): Record<string, number> {
@@ -1131,12 +1443,15 @@ export function formatReport(r: ChaosReport): string {
       .forEach(([k, v]) => row(`  ${k}`, v));
   out.push(`chaos run: seed ${r.seed}, ${r.chaosSeconds.toFixed(0)} s of chaos, ${r.drainSeconds.toFixed(1)} s to heal and drain`);
   out.push(`  ${r.agents} agents of capacity ${r.capacity}; 2 web and 3 listener processes; the Qiscus simulator on loopback`);
+  out.push(`  machine: ${r.load.cores} cores, load average ${r.load.start.toFixed(1)} at the start, ${r.load.end.toFixed(1)} at the end`);
   out.push('customers');
   row('rooms (new customers)', r.customers.rooms);
   row('returning customers (same room, new session)', r.customers.returning);
   row('repeated allocation webhooks (customer wrote again)', r.customers.duplicateMessages);
   row('allocation webhooks sent again after no 200', r.customers.resentNewRequests);
   row('resolutions sent again after no 200', r.customers.resentResolutions);
+  row('rooms resolved within 0.1-0.5 s of their assignment', r.customers.fastResolutions);
+  row('customers back within a second of their resolution', r.customers.fastReturns);
   out.push('webhooks');
   row('sent', r.webhooks.sent);
   row('accepted (200)', `${r.webhooks.accepted} (${Object.entries(r.webhooks.acceptedByKind).map(([k, v]) => `${k} ${v}`).join(', ')})`);
@@ -1160,12 +1475,33 @@ export function formatReport(r: ChaosReport): string {
   row('rooms assigned twice in one session', r.qiscus.roomsAssignedTwice);
   row('assign calls for a room another agent held', r.qiscus.secondAgentCalls);
   row('rooms held again after their resolution', r.qiscus.reopenedAfterResolution);
+  row('  of them counted by the database on their agent at the end', r.qiscus.countedExternal);
   out.push('  assign_agent calls, by answer:');
   table(r.qiscus.assignCalls);
   out.push('faults injected');
   table(r.faults);
   out.push('processes');
   for (const p of r.processes) row(p.name, `${p.alive ? 'alive' : 'DEAD'}, killed ${p.kills}, started ${p.starts}, error lines ${p.errorLines}`);
+  const lv = r.liveness;
+  const ms = (x: number) => (Number.isNaN(x) ? '-' : `${Math.round(x)} ms`);
+  const lat = (l: Latencies) => `p50 ${ms(l.p50)}, p95 ${ms(l.p95)}, p99 ${ms(l.p99)}, max ${ms(l.max)} (n ${l.n})`;
+  out.push('liveness');
+  row('webhook 2xx → assign call (sessions with a free slot)', lat(lv.webhookToAssign));
+  row('webhook 2xx → Qiscus decided it (same, with its latency)', lat(lv.webhookToAssignDecided));
+  row('webhook 2xx → assign call (every session, queueing too)', lat(lv.webhookToAssignAll));
+  row('sessions accepted that never had an assign call', lv.sessionsWithoutCall);
+  row('settle time after the traffic stopped', lv.settleMs === null ? 'never' : `${(lv.settleMs / 1000).toFixed(2)} s`);
+  row(`(room, free agent) conditions seen / served within ${BOUND_MS / 1000} s`, `${lv.conditions} / ${lv.servedWithinBound}`);
+  row('longest unexcused wait of a room with a free agent', `${(lv.maxAgeMs / 1000).toFixed(2)} s`);
+  row('violations (rooms the database gave up on, apart)', `${lv.violations.length} (${lv.gaveUp.length})`);
+  if (lv.violations.length) {
+    out.push('  violations, by what the database showed (liveness.ts, causeOf):');
+    table(countBy(lv.violations, (v) => v.cause));
+  }
+  out.push('  conditions excused, by excuse (see liveness.ts):');
+  table(lv.excused);
+  row('samples / longest gap between two / driver stalls', `${lv.samples} / ${lv.maxSampleGapMs} ms / ${lv.stalls}`);
+  row('samples with the database probe over 0.5 s / slowest probe', `${lv.slowDatabase} / ${lv.maxProbeMs} ms`);
   out.push('checks');
   for (const c of r.checks) {
     out.push(`  ${c.ok ? 'ok  ' : 'FAIL'} ${c.name.padEnd(58)} ${c.value}`);

@@ -3,6 +3,7 @@
  * progress on stderr and the report on stdout. Exits 1 if any check fails. Ctrl-C ends the chaos phase early (the
  * run still heals, drains and reports); a second Ctrl-C exits at once.
  */
+import { writeFileSync } from 'node:fs';
 import { formatReport, runChaos, type ChaosOptions } from './chaos.ts';
 
 function usage(msg?: string): never {
@@ -44,6 +45,8 @@ process.on('SIGTERM', onSignal);
 try {
   const report = await runChaos(opts);
   process.stdout.write(`${formatReport(report)}\n`);
+  // CHAOS_REPORT_JSON=<file>: the whole report as JSON too (every violation, not just the first few)
+  if (process.env.CHAOS_REPORT_JSON) writeFileSync(process.env.CHAOS_REPORT_JSON, JSON.stringify(report, null, 1));
   process.exit(report.ok ? 0 : 1);
 } catch (e) {
   process.stderr.write(`chaos run failed: ${e instanceof Error ? (e.stack ?? e.message) : String(e)}\n`);
