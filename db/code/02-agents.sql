@@ -69,6 +69,13 @@ begin
 end;
 $$;
 
+-- Agents that may take one more room right now.
+create view allocator.eligible_agents as
+  select a.*
+  from allocator.agents a
+  where a.accepting and a.total_load < allocator.capacity(a.max_load);
+comment on view allocator.eligible_agents is 'Agents online, not paused, and below capacity: who can take a room now.';
+
 -- The rule for choosing agents: the agents that may take a room now, best first. A DBA may replace it with
 -- CREATE OR REPLACE FUNCTION (same signature) to route differently; `npm run migrate` keeps a replaced rule (see
 -- src/db/migrate.ts). Whatever it returns, reserve() still locks each agent and takes the slot through the guarded

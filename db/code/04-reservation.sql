@@ -2,6 +2,33 @@
 -- Choosing and reserving: which room goes to which agent next.
 --------------------------------------------------------------------------------------------------------------------
 
+-- May agent `candidate` take waiting room `q` now, routes aside? Due (not backing off), not holding another
+-- agent's slot, not refused by this agent, and not waiting to be retried with another agent that is free (after a
+-- failure the call may in fact have reached Qiscus, so the retry goes to the same agent when it can: the repeat is
+-- then harmless, not a second agent). Inlined into reserve_next's queries.
+create function allocator.takeable(q allocator.sessions, candidate bigint)
+returns boolean
+language sql stable
+as $$
+  select not q.holds_slot
+     and q.next_attempt_at <= now()
+     and candidate <> all (q.excluded_agents)
+     and (q.last_agent_id is null or q.last_agent_id = candidate
+          or not exists (select from allocator.eligible_agents e where e.id = q.last_agent_id))
+$$;
+
+-- Rooms whose route's overflow time has passed may go to anyone from now on: they move to the queue for anyone
+-- (division_ids and overflow_at cleared). Rooms being reserved right now are left to the next call.
+create function allocator.overflow_due()
+returns void
+language sql
+as $$
+  update allocator.sessions s set division_ids = null, overflow_at = null, updated_at = now()
+  where s.id in (select q.id from allocator.sessions q
+                 where q.state = 'waiting' and q.overflow_at <= now()
+                 for no key update skip locked)
+$$;
+
 -- Records the reservation of locked room `s` for `agent`, whose slot the caller has already taken (or the room
 -- already holds), under a lease, on behalf of listener `owner`.
 create function allocator.reserve_for(s allocator.sessions, agent bigint, owner integer)
@@ -45,6 +72,7 @@ begin
   if coalesce((select min(q.next_attempt_at) from allocator.sessions q where q.state = 'waiting') > now(), true) then
     return;
   end if;
+  perform allocator.overflow_due();
   -- While Qiscus is down, only its probe goes out: one call (see 09-qiscus-health.sql).
   if not allocator.may_call_qiscus() then
     return;
@@ -58,6 +86,11 @@ begin
     exit when got = 0;
     taken := taken + 1;
   end loop;
+  -- Another caller's reservation held an agent we passed over: it may leave a room that agent can take when it
+  -- commits, and the caller that gave up would not look again. Wake the listeners after our commit.
+  if current_setting('allocator.contended', true) = 'on' then
+    perform pg_notify('allocator', 'room');
+  end if;
 end;
 $$;
 
@@ -75,6 +108,7 @@ declare
   candidate  bigint;
   divisions  bigint[];
   s          allocator.sessions;
+  routed     allocator.sessions;
 begin
   -- A room holding a slot goes back to its agent first: no slot to find, and the repeat is harmless if the
   -- earlier call did reach Qiscus. The agent need only be online, not accepting: a paused agent keeps the retry
@@ -108,25 +142,39 @@ begin
     select a.division_ids into divisions from allocator.agents a
     where a.id = candidate and a.accepting and a.total_load < allocator.capacity(a.max_load)
     for no key update skip locked;
-    continue when not found;
+    if not found then
+      -- Skipped because another reservation holds it? Then that one may leave rooms this agent could take: say
+      -- so, and reserve() wakes everyone once it commits.
+      if exists (select from allocator.agents a
+                 where a.id = candidate and a.accepting and a.total_load < allocator.capacity(a.max_load)) then
+        perform set_config('allocator.contended', 'on', true);
+      end if;
+      continue;
+    end if;
 
-    -- The oldest room this agent can take: due (not backing off), routed to one of its divisions (or to anyone),
-    -- not refused by this agent, and not waiting to be retried with another agent that is free (after a failure
-    -- the call may in fact have reached Qiscus, so the retry goes to the same agent when it can: the repeat is
-    -- then harmless, not a second agent). Rooms this agent may not serve are passed over, never waited for.
+    -- The oldest room this agent can take (see takeable): the older of the first room for anyone (no route, or
+    -- overflowed) and the first room routed to one of its divisions. Rooms it may not serve are never walked over,
+    -- and never waited for.
     s := null;
     select q.* into s
     from allocator.sessions q
-    where q.state = 'waiting'
-      and not q.holds_slot
-      and q.next_attempt_at <= now()
-      and candidate <> all (q.excluded_agents)
-      and allocator.may_serve(q.division_ids, q.overflow_at, divisions)
-      and (q.last_agent_id is null or q.last_agent_id = candidate
-           or not exists (select from allocator.eligible_agents e where e.id = q.last_agent_id))
+    where q.state = 'waiting' and q.division_ids is null and allocator.takeable(q, candidate)
     order by q.priority desc, q.queued_at, q.id
     limit 1
     for no key update of q skip locked;
+    if cardinality(divisions) > 0 then
+      routed := null;
+      select q.* into routed
+      from allocator.sessions q
+      where q.state = 'waiting' and q.division_ids && divisions and allocator.takeable(q, candidate)
+        and (s.id is null or (-q.priority, q.queued_at, q.id) < (-s.priority, s.queued_at, s.id))
+      order by q.priority desc, q.queued_at, q.id
+      limit 1
+      for no key update of q skip locked;
+      if routed.id is not null then
+        s := routed;
+      end if;
+    end if;
     continue when s.id is null;
 
     -- agent_preference() may be a DBA's own rule: its answer still has to pass the guarded update.

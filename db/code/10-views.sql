@@ -4,13 +4,6 @@
 -- of past sessions.
 --------------------------------------------------------------------------------------------------------------------
 
--- Agents that may take one more room right now.
-create view allocator.eligible_agents as
-  select a.*
-  from allocator.agents a
-  where a.accepting and a.total_load < allocator.capacity(a.max_load);
-comment on view allocator.eligible_agents is 'Agents online, not paused, and below capacity: who can take a room now.';
-
 -- The waiting rooms in the order they will be served.
 create view allocator.queue as
   select s.room_id,

@@ -1,5 +1,5 @@
 --! Previous: sha1:7d78aaf63301324380df790c36a73ae8a5f763cb
---! Hash: sha1:d8901548dca62bfab52cc81d11c9e94c2dcbe6b5
+--! Hash: sha1:ab07c0f70857a21375326f39f3eceb2a8b68d56b
 --! Message: routing by division
 
 --------------------------------------------------------------------------------------------------------------------
@@ -41,5 +41,11 @@ alter table allocator.sessions
   add column division_ids bigint[],       -- while waiting: the divisions that may serve it (null: any agent)
   add column overflow_at  timestamptz;    -- while waiting: from then on any agent may serve it (null: never)
 
--- Overflows that fall due wake the listeners (next_due_at).
+-- Overflows that fall due wake the listeners (next_due_at) and are applied (overflow_due).
 create index sessions_overflow on allocator.sessions (overflow_at) where state = 'waiting' and overflow_at is not null;
+-- An agent's next room is the older of the first room for anyone (a partial queue of its own, so that routed rooms
+-- are never walked over) and the first room routed to one of its divisions (found through the divisions, so that
+-- an agent whose divisions have no room waiting pays nothing for the rooms of others).
+create index sessions_queue_any on allocator.sessions (priority desc, queued_at, id)
+  where state = 'waiting' and division_ids is null;
+create index sessions_waiting_divisions on allocator.sessions using gin (division_ids) where state = 'waiting';

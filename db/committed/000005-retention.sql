@@ -1,5 +1,5 @@
---! Previous: sha1:d8901548dca62bfab52cc81d11c9e94c2dcbe6b5
---! Hash: sha1:e663296562ebdac826b778fc0f99ad240a68ca94
+--! Previous: sha1:ab07c0f70857a21375326f39f3eceb2a8b68d56b
+--! Hash: sha1:a66a465a70d030ec57268d5094d1a39b9b37240e
 --! Message: retention
 
 --------------------------------------------------------------------------------------------------------------------

@@ -167,7 +167,7 @@ describe('db/code', () => {
     }
   });
 
-  it('runs while a web app and a listener assign rooms: every webhook answered, every room assigned', async () => {
+  it('runs while a web app and a listener assign rooms: every webhook answered, every room assigned', { timeout: 120_000 }, async () => {
     db = await createTestDatabase();
     stack = await startStack({
       databaseUrl: db.url,

@@ -72,7 +72,7 @@ describe('migrations', () => {
     await pool.end();
   });
 
-  it('bring a database at every earlier version to the current one', async () => {
+  it('bring a database at every earlier version to the current one', { timeout: 120_000 }, async () => {
     const files = (await readdir(path.join(migrationsFolder, 'committed'))).filter((f) => f.endsWith('.sql')).sort();
     for (let upTo = 1; upTo < files.length; upTo++) {
       // a migrations folder holding only the first `upTo` migrations stands for an older release

@@ -61,10 +61,10 @@ describe('rules', () => {
   it('a room waiting longer than max_wait_seconds leaves the queue as cancelled, with the reason', async () => {
     await queue(db.pool, 'old');
     await setting(db.pool, 'max_wait_seconds', '0.5');
-    expect((await db.pool.query(`select * from allocator.sweep()`)).rows[0]).toEqual({ rescued: 0, cancelled: 0 });
+    expect((await db.pool.query(`select * from allocator.sweep()`)).rows[0]).toEqual({ rescued: 0, cancelled: 0, pruned: 0 });
     await sleep(600);
     await queue(db.pool, 'young');
-    expect((await db.pool.query(`select * from allocator.sweep()`)).rows[0]).toEqual({ rescued: 0, cancelled: 1 });
+    expect((await db.pool.query(`select * from allocator.sweep()`)).rows[0]).toEqual({ rescued: 0, cancelled: 1, pruned: 0 });
     const s = await sessionOf(db.pool, 'old');
     expect(s.state).toBe('cancelled');
     expect(s.cancelled_at).toBeInstanceOf(Date);
