@@ -173,12 +173,13 @@ describe('npm start (one process)', () => {
       QISCUS_APP_ID: APP_ID,
       QISCUS_SECRET_KEY: SECRET_KEY,
       METRICS_PORT: String(await freePort()),
+      WEBHOOK_SECRET: 'metrics-test-secret', // else npm start would generate one (test/ops/start.test.ts)
     });
     await proc.waitFor(/listening for allocator notifications/, 30_000);
 
     const reply = await fetch(`${url}/api/v1/new_request`, {
       method: 'POST',
-      headers: { 'content-type': 'application/json' },
+      headers: { 'content-type': 'application/json', 'x-webhook-secret': 'metrics-test-secret' },
       body: JSON.stringify(newRequest('7101')),
     });
     expect(reply.status).toBe(200);
