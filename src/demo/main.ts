@@ -11,6 +11,7 @@
  * The last line of the output is `DEMO SUMMARY {json}` (see summary.ts) for scripts and tests.
  */
 import { spawn } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
 import { fileURLToPath } from 'node:url';
 import { pino, type Logger } from 'pino';
 import type pg from 'pg';
@@ -88,6 +89,7 @@ let pool: pg.Pool | undefined;
 let sim: Simulator | undefined;
 let web: HttpServer | undefined;
 let listener: Listener | undefined;
+let dashboard: { url: string; token: string } | undefined;
 let traffic: Traffic | undefined;
 const timers: NodeJS.Timeout[] = [];
 
@@ -172,8 +174,11 @@ async function start(): Promise<void> {
   });
   sim = await startSimulator({ agents, appId: APP_ID, secretKey: SECRET_KEY, seed: opts.seed });
 
-  web = await startHttpServer({ pool, logger, port: 0, hostname: '127.0.0.1', graceMs: 3000 });
+  // The supervisor's page too, with a token made for this run (shown under the live view).
+  const token = randomBytes(16).toString('hex');
+  web = await startHttpServer({ pool, logger, port: 0, hostname: '127.0.0.1', graceMs: 3000, dashboard: { token } });
   sim.webhookBaseUrl = `http://127.0.0.1:${web.port}`;
+  dashboard = { url: `${sim.webhookBaseUrl}/dashboard`, token };
 
   const config = loadConfig('start', {
     QISCUS_BASE_URL: sim.url,
@@ -195,6 +200,7 @@ async function start(): Promise<void> {
     process.stdout.write(
       `demo: PostgreSQL ${databaseUrl} (data in ${postgres.root}), web ${sim.webhookBaseUrl}, Qiscus simulator ${sim.url}\n`,
     );
+    process.stdout.write(`demo: dashboard ${dashboard.url} (token ${dashboard.token})\n`);
   }
 }
 
@@ -309,6 +315,7 @@ async function snapshot(): Promise<Snapshot> {
     warnings,
     ending,
     databaseUrl: postgres?.url,
+    dashboard,
   };
 }
 

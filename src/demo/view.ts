@@ -51,6 +51,8 @@ export interface Snapshot {
   ending: boolean;
   /** The database, for a `psql` line under the view. */
   databaseUrl?: string;
+  /** The supervisor's page of this run, and the token generated for it. */
+  dashboard?: { url: string; token: string };
 }
 
 const ESC = '\x1b[';
@@ -211,6 +213,7 @@ export function renderLines(s: Snapshot, width = 100, useColor = true): string[]
     out.push('');
     out.push(p.dim(` psql ${s.databaseUrl}   (try: table allocator.queue;)`));
   }
+  if (s.dashboard) out.push(p.dim(` dashboard ${s.dashboard.url}   token ${s.dashboard.token}`));
   return out.map((l) => fit(l, width));
 }
 

@@ -110,6 +110,13 @@ describe('npm run demo', () => {
       if (Date.now() - start > 60_000) throw new Error(`no progress line:\n${run.out()}\n${run.err()}`);
       await new Promise((r) => setTimeout(r, 100));
     }
+    // The dashboard of the run, with the token it printed.
+    const [, url, token] = /^demo: dashboard (\S+) \(token (\w+)\)$/m.exec(run.out()) ?? [];
+    expect(token, run.out().slice(0, 800)).toMatch(/^[0-9a-f]{32}$/);
+    const snapshot = await fetch(`${url}/snapshot.json`, { headers: { authorization: `Bearer ${token}` } });
+    expect(snapshot.status).toBe(200);
+    expect(((await snapshot.json()) as { agents: unknown[] }).agents).toHaveLength(12);
+    expect((await fetch(`${url}/snapshot.json`)).status).toBe(401);
     run.signalGroup('SIGINT');
     const code = await run.done;
     const s = summaryOf(run.out(), run.err());
