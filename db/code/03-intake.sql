@@ -101,10 +101,12 @@ begin
     -- (opened after that service was resolved), so it must stay open.
     v_outcome := 'already_resolved';
   elsif last.state in ('waiting', 'reserved', 'assigned') then
-    -- A reserved room's call is in flight. If the agent we reserved resolved the room, our assignment landed
-    -- before the resolution: the slot is free now. Otherwise the room keeps the slot (and its attempt and lease)
-    -- until the call reports back: settle_resolved_in_flight() then decides from Qiscus's answer.
-    landed := last.state = 'reserved' and resolver is not null and resolver = last.agent_id;
+    -- A reserved room's call is in flight. If the agent we reserved resolved the room, and this call is the only
+    -- one that can have put it there, the assignment landed before the resolution: the slot is free now. (Not
+    -- for the retry of an ambiguous call, `uncertain`: the agent may hold the room from the first call, and the
+    -- retry may land after the resolution.) Otherwise the room keeps the slot (and its attempt and lease) until
+    -- the call reports back: settle_resolved_in_flight() then decides from Qiscus's answer.
+    landed := last.state = 'reserved' and not last.uncertain and resolver is not null and resolver = last.agent_id;
     if last.state = 'assigned' or last.holds_slot or landed then
       perform allocator.free_slot(last.agent_id);
     end if;

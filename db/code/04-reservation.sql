@@ -108,7 +108,9 @@ declare
   candidate  bigint;
   divisions  bigint[];
   s          allocator.sessions;
-  routed     allocator.sessions;
+  routing    boolean := exists (select from allocator.routes);  -- no route: no waiting room is routed
+  best       bigint;
+  skipped    bigint[];
 begin
   -- A room holding a slot goes back to its agent first: no slot to find, and the repeat is harmless if the
   -- earlier call did reach Qiscus. The agent need only be online, not accepting: a paused agent keeps the retry
@@ -152,28 +154,54 @@ begin
       continue;
     end if;
 
-    -- The oldest room this agent can take (see takeable): the older of the first room for anyone (no route, or
-    -- overflowed) and the first room routed to one of its divisions. Rooms it may not serve are never walked over,
-    -- and never waited for.
+    -- The oldest room this agent can take (see takeable). Without routes: the head of the queue. With routes:
+    -- the oldest of the first room for anyone (no route, or overflowed), the first room of each of its divisions,
+    -- and the first room routed to several divisions among them, each read from an index of its own, so that
+    -- rooms it may not serve are never walked over, nor waited for. That one is then locked, or, if another
+    -- reservation holds it right now, passed over for the next.
     s := null;
-    select q.* into s
-    from allocator.sessions q
-    where q.state = 'waiting' and q.division_ids is null and allocator.takeable(q, candidate)
-    order by q.priority desc, q.queued_at, q.id
-    limit 1
-    for no key update of q skip locked;
-    if cardinality(divisions) > 0 then
-      routed := null;
-      select q.* into routed
+    if not routing then
+      select q.* into s
       from allocator.sessions q
-      where q.state = 'waiting' and q.division_ids && divisions and allocator.takeable(q, candidate)
-        and (s.id is null or (-q.priority, q.queued_at, q.id) < (-s.priority, s.queued_at, s.id))
+      where q.state = 'waiting' and allocator.takeable(q, candidate)
       order by q.priority desc, q.queued_at, q.id
       limit 1
       for no key update of q skip locked;
-      if routed.id is not null then
-        s := routed;
-      end if;
+    else
+      skipped := '{}';
+      loop
+        select c.id into best
+        from ((select q.id, q.priority, q.queued_at
+               from allocator.sessions q
+               where q.state = 'waiting' and q.division_ids is null and allocator.takeable(q, candidate)
+                 and q.id <> all (skipped)
+               order by q.priority desc, q.queued_at, q.id
+               limit 1)
+              union all
+              (select f.id, f.priority, f.queued_at
+               from unnest(divisions) d(id)
+               cross join lateral (select q.id, q.priority, q.queued_at
+                                   from allocator.sessions q
+                                   where q.state = 'waiting' and q.division_key = d.id
+                                     and allocator.takeable(q, candidate) and q.id <> all (skipped)
+                                   order by q.priority desc, q.queued_at, q.id
+                                   limit 1) f)
+              union all
+              (select q.id, q.priority, q.queued_at
+               from allocator.sessions q
+               where q.state = 'waiting' and q.division_ids is not null and q.division_key is null
+                 and q.division_ids && divisions and allocator.takeable(q, candidate) and q.id <> all (skipped)
+               order by -q.priority, q.queued_at, q.id  -- no b-tree gives this order: the GIN index it is
+               limit 1)) c
+        order by c.priority desc, c.queued_at, c.id
+        limit 1;
+        exit when best is null;
+        select q.* into s from allocator.sessions q
+        where q.id = best and q.state = 'waiting' and not q.holds_slot
+        for no key update of q skip locked;
+        exit when s.id is not null;
+        skipped := skipped || best;
+      end loop;
     end if;
     continue when s.id is null;
 

@@ -4,7 +4,9 @@
 --------------------------------------------------------------------------------------------------------------------
 
 -- The count of rooms an agent holds that we did not assign, after a pull that found `by_hand` of them (Qiscus's
--- count less our rooms it surely counted, see sync_agents).
+-- count less our rooms it surely counted, see sync_agents). external_seen is the previous pull's lowest possible
+-- count (less its calls in flight too), so that a room of ours that pull could not place yet is gone from the
+-- count at the next pull that started after its call ended.
 -- - A room whose assign call may have landed (settle_resolved_in_flight) is counted until a pull that started
 --   after the call ended: until then the count may only rise.
 -- - Otherwise the count rises at once but falls only as far as two pulls in a row agree. One pull can
@@ -45,27 +47,38 @@ begin
     where allocator.json_bigint(a -> 'id') is not null
   ),
   ours as (
-    select s.agent_id, count(*)::integer as counted
+    select s.agent_id,
+           count(*) filter (where s.assigned_at < started_at
+                              and (s.state = 'assigned' or (s.state = 'resolved' and s.resolved_at >= started_at)))
+             ::integer as counted,
+           -- calls in flight when the pull started: Qiscus may or may not count their rooms yet
+           count(*) filter (where s.reserved_at < started_at
+                              and (s.state = 'reserved' or (s.state = 'resolved' and s.attempt_id is not null)))
+             ::integer as in_flight
     from allocator.sessions s
     where s.agent_id in (select id from incoming)
-      and s.assigned_at < started_at
-      and (s.state = 'assigned' or (s.state = 'resolved' and s.resolved_at >= started_at))
+      and s.state in ('assigned', 'reserved', 'resolved')
+      and (s.state <> 'resolved' or s.resolved_at >= started_at or s.attempt_id is not null)
     group by s.agent_id
   ),
   pulled as (
-    select i.*, greatest(i.qiscus_load - coalesce(o.counted, 0), 0) as by_hand
+    -- by_hand: Qiscus's count less our rooms it surely counts (too careful: a call in flight that landed is
+    -- counted here too, until the next pull). seen: the same less the calls in flight as well, the count as low as
+    -- it can truly be, which is what the next pull compares with (see external_after_pull).
+    select i.*, greatest(i.qiscus_load - coalesce(o.counted, 0), 0) as by_hand,
+           greatest(i.qiscus_load - coalesce(o.counted, 0) - coalesce(o.in_flight, 0), 0) as seen
     from incoming i left join ours o on o.agent_id = i.id
   )
   insert into allocator.agents as a (id, name, email, type, is_available, force_offline, present, qiscus_load,
                                      external_load, external_seen, synced_at)
-  select p.id, p.name, p.email, p.type, p.is_available, p.force_offline, true, p.qiscus_load, p.by_hand, p.by_hand,
+  select p.id, p.name, p.email, p.type, p.is_available, p.force_offline, true, p.qiscus_load, p.by_hand, p.seen,
          now()
   from pulled p
   order by p.id  -- agents locked in id order, as report() does: no deadlock between a sync and a batch
   on conflict (id) do update
   set name = excluded.name, email = excluded.email, type = excluded.type, is_available = excluded.is_available,
       force_offline = excluded.force_offline, present = true, qiscus_load = excluded.qiscus_load,
-      external_load = allocator.external_after_pull(a, excluded.external_seen, started_at),
+      external_load = allocator.external_after_pull(a, excluded.external_load, started_at),
       external_seen = excluded.external_seen,
       synced_at = excluded.synced_at
   -- skip rewriting unchanged rows: no dead tuples and no wake-ups every sync
@@ -73,7 +86,7 @@ begin
          a.external_seen)
         is distinct from
         (excluded.name, excluded.email, excluded.type, excluded.is_available, excluded.force_offline, true,
-         excluded.qiscus_load, allocator.external_after_pull(a, excluded.external_seen, started_at),
+         excluded.qiscus_load, allocator.external_after_pull(a, excluded.external_load, started_at),
          excluded.external_seen);
   get diagnostics n = row_count;
 

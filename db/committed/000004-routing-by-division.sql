@@ -1,5 +1,5 @@
 --! Previous: sha1:7d78aaf63301324380df790c36a73ae8a5f763cb
---! Hash: sha1:ab07c0f70857a21375326f39f3eceb2a8b68d56b
+--! Hash: sha1:dc0874e0f198723c7aee1a363bf836b93576ff95
 --! Message: routing by division
 
 --------------------------------------------------------------------------------------------------------------------
@@ -39,13 +39,20 @@ comment on table allocator.routes is 'Which divisions serve a room: the first ro
 alter table allocator.sessions
   add column channel_id   bigint,         -- the webhook's channel.id, when it had one
   add column division_ids bigint[],       -- while waiting: the divisions that may serve it (null: any agent)
-  add column overflow_at  timestamptz;    -- while waiting: from then on any agent may serve it (null: never)
+  add column overflow_at  timestamptz,    -- while waiting: from then on any agent may serve it (null: never)
+  -- the one division, when division_ids names exactly one (most routes): a queue per division in one index
+  add column division_key bigint generated always as
+    (case when cardinality(division_ids) = 1 then division_ids[1] end) stored;
 
 -- Overflows that fall due wake the listeners (next_due_at) and are applied (overflow_due).
 create index sessions_overflow on allocator.sessions (overflow_at) where state = 'waiting' and overflow_at is not null;
--- An agent's next room is the older of the first room for anyone (a partial queue of its own, so that routed rooms
--- are never walked over) and the first room routed to one of its divisions (found through the divisions, so that
--- an agent whose divisions have no room waiting pays nothing for the rooms of others).
+-- An agent's next room is the oldest of: the first room for anyone (a queue of its own, so that routed rooms are
+-- never walked over), the first room of each of its divisions (a queue per division), and the first room routed
+-- to several divisions among them (few: found through a GIN index and sorted). An agent whose divisions have no
+-- room waiting pays nothing for the rooms of others.
 create index sessions_queue_any on allocator.sessions (priority desc, queued_at, id)
   where state = 'waiting' and division_ids is null;
-create index sessions_waiting_divisions on allocator.sessions using gin (division_ids) where state = 'waiting';
+create index sessions_queue_division on allocator.sessions (division_key, priority desc, queued_at, id)
+  where state = 'waiting' and division_key is not null;
+create index sessions_waiting_divisions on allocator.sessions using gin (division_ids)
+  where state = 'waiting' and division_ids is not null and division_key is null;

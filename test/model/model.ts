@@ -240,7 +240,7 @@ export class Model {
     }
     // a reserved room keeps its slot and attempt until the call in flight reports back (settleResolvedInFlight),
     // unless its agent resolved it: then our assignment landed before, and the slot is free now
-    const landed = last.state === 'reserved' && by !== null && by === last.agentId;
+    const landed = last.state === 'reserved' && !last.uncertain && by !== null && by === last.agentId;
     if (last.state === 'assigned' || last.holdsSlot || landed) this.releaseSlot(last.agentId);
     if (landed) this.attempts[last.attemptId! - 1]!.outcome = 'resolved';
     if (last.state !== 'reserved' || landed) last.attemptId = null;
@@ -427,6 +427,11 @@ export class Model {
     return this.sessions.filter((s) => s.agentId === agentId && s.state === 'assigned').length;
   }
 
+  /** Calls in flight for the agent (reserved, or resolved with the call still out): Qiscus may count them or not. */
+  inFlight(agentId: number): number {
+    return this.sessions.filter((s) => s.agentId === agentId && s.attemptId !== null).length;
+  }
+
   /**
    * sync_agents(roster, now(), complete): upsert every listed agent (present again), with
    * external_load = max(current_customer_count - ours, 0), lowered only when two syncs agree; with `complete`,
@@ -437,11 +442,13 @@ export class Model {
     let changed = 0;
     for (const e of roster) {
       const ext = Math.max(e.count - this.ours(e.id), 0);
+      // the lowest the count can truly be (calls in flight may not be in Qiscus's count): what the next pull compares with
+      const seen = Math.max(e.count - this.ours(e.id) - this.inFlight(e.id), 0);
       const a = this.agents.get(e.id);
       if (!a) {
         this.agents.set(e.id, {
           id: e.id, type: e.type, isAvailable: e.isAvailable, forceOffline: e.forceOffline, present: true,
-          paused: false, maxLoad: null, load: 0, externalLoad: ext, externalSeen: ext,
+          paused: false, maxLoad: null, load: 0, externalLoad: ext, externalSeen: seen,
           qiscusLoad: e.count,
           lastAssignedAt: null,
         });
@@ -452,10 +459,10 @@ export class Model {
       const external = Math.max(ext, Math.min(a.externalLoad, a.externalSeen));
       const same =
         a.type === e.type && a.isAvailable === e.isAvailable && a.forceOffline === e.forceOffline && a.present &&
-        a.qiscusLoad === e.count && a.externalLoad === external && a.externalSeen === ext;
+        a.qiscusLoad === e.count && a.externalLoad === external && a.externalSeen === seen;
       if (!same) changed += 1;
       Object.assign(a, { type: e.type, isAvailable: e.isAvailable, forceOffline: e.forceOffline, present: true,
-        qiscusLoad: e.count, externalLoad: external, externalSeen: ext });
+        qiscusLoad: e.count, externalLoad: external, externalSeen: seen });
     }
     if (complete) {
       const listed = new Set(roster.map((e) => e.id));
