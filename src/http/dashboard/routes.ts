@@ -49,6 +49,7 @@ const asset = (name: string) => readFileSync(new URL(`./assets/${name}`, import.
 const ASSETS: Record<string, { body: string; type: string }> = {
   'dashboard.js': { body: asset('dashboard.js'), type: 'text/javascript; charset=utf-8' },
   'dashboard.css': { body: asset('dashboard.css'), type: 'text/css; charset=utf-8' },
+  'favicon.svg': { body: asset('favicon.svg'), type: 'image/svg+xml' },
 };
 
 /** Nothing but our own script and stylesheet runs or loads; the page cannot be framed. */
@@ -58,7 +59,8 @@ const SECURITY_HEADERS = {
     "form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
   'X-Content-Type-Options': 'nosniff',
   'X-Frame-Options': 'DENY',
-  'Referrer-Policy': 'no-referrer',
+  // Not no-referrer: with it Chromium sends `Origin: null` on our own form posts, and the pause checks Origin.
+  'Referrer-Policy': 'same-origin',
   'Cache-Control': 'no-store',
 };
 

@@ -27,26 +27,29 @@ export function duration(seconds: number): string {
 
 const clock = (iso: string) => `${iso.slice(11, 19)} UTC`;
 
+/** Waited before the rest: on a phone the first columns are what shows without scrolling sideways. */
 function queueRow(r: QueueRow) {
   return h`<tr data-room="${r.room_id}">
-    <td>${r.position}</td><td class="room">${r.room_id}</td><td>${r.source ?? '—'}</td>
-    <td>${r.divisions ? r.divisions.join(', ') : 'any'}</td><td>${duration(r.waited_seconds)}</td>
+    <td>${r.position}</td><td class="room">${r.room_id}</td><td>${duration(r.waited_seconds)}</td>
+    <td>${r.source ?? '—'}</td><td>${r.divisions ? r.divisions.join(', ') : 'any'}</td>
     <td>${r.attempts}</td><td class="error">${r.last_error ?? ''}</td></tr>`;
 }
 
 function agentRow(a: AgentRow) {
   const full = a.load >= a.capacity;
+  // The button beside the status, so that on a phone it is on screen without scrolling the table sideways.
+  const pause = h`<form method="post" action="${BASE}/agents/${a.id}/pause"><input type="hidden" name="csrf" value="">
+      <input type="hidden" name="paused" value="${a.paused ? 'false' : 'true'}">
+      <button type="submit">${a.paused ? 'Unpause' : 'Pause'}</button></form>`;
   // A native <meter>: a bar against capacity without inline styles (the page's CSP allows none).
+  const max = Math.max(a.capacity, 1);
   return h`<tr data-agent="${a.id}" class="${a.status === 'online' ? 'on' : 'off'}">
     <td class="name">${a.name || `#${a.id}`}</td>
-    <td class="status">${a.status}</td>
-    <td class="load"><meter min="0" max="${Math.max(a.capacity, 1)}" value="${a.load}" low="${Math.max(a.capacity, 1)}"
-      high="${Math.max(a.capacity, 1)}" optimum="0"></meter> <span class="${full ? 'full' : ''}">${a.load}/${a.capacity}</span></td>
+    <td><span class="status">${a.status}</span> ${pause}</td>
+    <td class="load"><meter min="0" max="${max}" value="${a.load}" low="${max}" high="${max}" optimum="0"></meter>
+      <span class="${full ? 'full' : ''}">${a.load}/${a.capacity}</span></td>
     <td>${a.by_hand}</td>
-    <td>${a.divisions.length ? a.divisions.join(', ') : '—'}</td>
-    <td><form method="post" action="${BASE}/agents/${a.id}/pause"><input type="hidden" name="csrf" value="">
-      <input type="hidden" name="paused" value="${a.paused ? 'false' : 'true'}">
-      <button type="submit">${a.paused ? 'Unpause' : 'Pause'}</button></form></td></tr>`;
+    <td>${a.divisions.length ? a.divisions.join(', ') : '—'}</td></tr>`;
 }
 
 /** The part of the page that the server sends again with every snapshot. */
@@ -70,7 +73,7 @@ export function renderLive(frame: Omit<Frame, 'html'>): string {
 <section>
   <h2>Queue</h2>
   <div class="scroll"><table id="queue">
-    <thead><tr><th>#</th><th>Room</th><th>Source</th><th>Division</th><th>Waited</th><th>Tries</th><th>Last error</th></tr></thead>
+    <thead><tr><th>#</th><th>Room</th><th>Waited</th><th>Source</th><th>Division</th><th>Tries</th><th>Last error</th></tr></thead>
     <tbody>${s.queue.length ? s.queue.map(queueRow) : raw('<tr><td colspan="7" class="empty">No room is waiting.</td></tr>')}</tbody>
   </table></div>
   ${more > 0 ? h`<p class="more">and ${more} more waiting</p>` : ''}
@@ -78,8 +81,8 @@ export function renderLive(frame: Omit<Frame, 'html'>): string {
 <section>
   <h2>Agents</h2>
   <div class="scroll"><table id="agents">
-    <thead><tr><th>Agent</th><th>Status</th><th>Load</th><th>By hand</th><th>Divisions</th><th></th></tr></thead>
-    <tbody>${s.agents.length ? s.agents.map(agentRow) : raw('<tr><td colspan="6" class="empty">No agents yet (the roster comes from Qiscus).</td></tr>')}</tbody>
+    <thead><tr><th>Agent</th><th>Status</th><th>Load</th><th>By hand</th><th>Divisions</th></tr></thead>
+    <tbody>${s.agents.length ? s.agents.map(agentRow) : raw('<tr><td colspan="5" class="empty">No agents yet (the roster comes from Qiscus).</td></tr>')}</tbody>
   </table></div>
 </section>`);
 }
@@ -92,6 +95,7 @@ function layout(title: string, body: HtmlEscapedString, head: HtmlEscapedString 
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>${title}</title>
 <link rel="stylesheet" href="${BASE}/assets/dashboard.css">
+<link rel="icon" href="${BASE}/assets/favicon.svg" type="image/svg+xml">
 ${head}
 </head>
 <body>
