@@ -61,7 +61,15 @@ describe('docker-compose.yml', () => {
   const services = compose.services;
 
   it('has postgres 17 with a volume and pg_isready, a one-shot migrate, web, listener and a demo simulator', () => {
-    expect(Object.keys(services).sort()).toEqual(['listener', 'migrate', 'postgres', 'simulator', 'web']);
+    expect(Object.keys(services).sort()).toEqual([
+      'grafana',
+      'listener',
+      'migrate',
+      'postgres',
+      'prometheus',
+      'simulator',
+      'web',
+    ]);
     const pg = services.postgres!;
     expect(pg.image).toBe('postgres:17');
     const volume = (pg.volumes ?? []).find((v) => v.endsWith(':/var/lib/postgresql/data'));
@@ -81,7 +89,8 @@ describe('docker-compose.yml', () => {
     const tested = filesTheTestsRun();
     const used = new Map<string, string>();
     for (const [name, s] of Object.entries(services)) {
-      if (name === 'postgres') {
+      // PostgreSQL and the monitoring profile's Prometheus and Grafana run their images' own commands.
+      if (name === 'postgres' || s.profiles?.includes('monitoring')) {
         expect(s.command).toBeUndefined();
         continue;
       }
@@ -195,7 +204,7 @@ describe('docker-compose.yml', () => {
   });
 
   it('has a healthcheck on every long-running service (the migrate job has none)', () => {
-    for (const name of ['postgres', 'web', 'listener', 'simulator']) {
+    for (const name of ['postgres', 'web', 'listener', 'simulator', 'prometheus', 'grafana']) {
       const h = services[name]!.healthcheck;
       expect(h?.test, name).toBeDefined();
       expect(argvOf(h!.test)[0], name).toMatch(/^CMD(-SHELL)?$/);
