@@ -40,7 +40,15 @@
  *         for the probe (invariant 10), and once Qiscus answers, the bound applies in full;
  *      c. Qiscus is so slow that the calls in flight fill every serving listener's pipeline (LISTENER_CONCURRENCY,
  *         8 by default, calls each): no listener may start another call until one of them ends.
- *   4. The machine, not the allocator: the chaos driver itself (which hosts the simulator and the tap) did not run
+ *   4. A roster pull could not place a room of ours yet (invariant 9): when a pull reads Qiscus's count of an agent
+ *      while a room of ours on that agent is not confirmed yet (its call in flight, answered but not reported, or
+ *      failed ambiguously and waiting for its retry), the count cannot tell that room from one assigned by hand, so
+ *      the safe side is kept: the agent's conditions are excused until the next pull, provided every room of ours
+ *      that pull saw on the agent was confirmed (its 200 answered at least REPORT_LAG_MS) before it started; that
+ *      pull is the evidence invariant 9 names ("the first pull that started after the call ended"), and from it
+ *      the bound applies in full. At the shipped AGENT_SYNC_SECONDS (30) this can keep a free slot idle for up to
+ *      a pull period per listener: counted and reported apart ("roster pull ambiguity").
+ *   5. The machine, not the allocator: the chaos driver itself (which hosts the simulator and the tap) did not run
  *      for longer than STALL_MS between two samples (Qiscus was not answering then, and the watch was not
  *      watching), or the watch's own probe of the database (one plain SELECT of the open sessions, every sample,
  *      on a connection of its own, taking no lock the allocator takes) took longer than SLOW_DB_MS: no allocator
@@ -65,6 +73,8 @@ export const DEAD_LISTENER_MS = 2000;
 export const STALL_MS = 500;
 /** A probe of the database slower than this means the database (or the machine) was not answering. */
 export const SLOW_DB_MS = 500;
+/** Time from an assign call's 200 answer to its confirm being committed (the listener's report), allowed. */
+export const REPORT_LAG_MS = 250;
 /** Calls in flight per listener: LISTENER_CONCURRENCY's default (the chaos run leaves it unset). */
 const LISTENER_CONCURRENCY = 8;
 /** A call cut this long (or longer) after it started was cut by the listener's own timeout (10 s), not a kill. */
@@ -153,6 +163,8 @@ export class LivenessWatch {
   /** Finished calls as the allocator's outage rule sees them, newest last. */
   private readonly finished: Array<{ room: string; session: number; transient: boolean }> = [];
   private qiscusDown = false;
+  /** Per agent: rooms of ours Qiscus counted on it at the latest pull that were not confirmed yet (excuse 4). */
+  private readonly pullAmbiguity = new Map<number, Set<string>>();
   private pgDownSince: number | null = null;
   private lastKill = -Infinity;
   private killWindow: Window | undefined;
@@ -215,6 +227,27 @@ export class LivenessWatch {
       byAgent.push(c);
       this.openByAgent.set(c.agent, byAgent);
       this.undecidedByRoom.set(c.room, (this.undecidedByRoom.get(c.room) ?? 0) + 1);
+    };
+    o.tap.onPull = (at) => {
+      // What Qiscus counts now, agent by agent, and which of those rooms the database could not place yet.
+      for (const a of o.sim.agents()) {
+        const unsettled = new Set<string>();
+        for (const room of a.rooms) {
+          const r = o.room(room);
+          const confirmed = (this.callsByRoom.get(room) ?? []).some(
+            (c) =>
+              c.agent === a.id &&
+              c.session === r?.sessions &&
+              c.status !== undefined &&
+              c.status >= 200 &&
+              c.status < 300 &&
+              c.end! <= at - REPORT_LAG_MS,
+          );
+          if (!confirmed) unsettled.add(room);
+        }
+        if (unsettled.size) this.pullAmbiguity.set(a.id, unsettled);
+        else this.pullAmbiguity.delete(a.id);
+      }
     };
     o.tap.onEnd = (c) => {
       this.openCalls.set(c.room, (this.openCalls.get(c.room) ?? 1) - 1);
@@ -433,6 +466,7 @@ export class LivenessWatch {
       if (!w.rooms || w.rooms.has(room.id) || w.agents!.has(agent)) why.push(w.why);
     }
     if (this.qiscusDown) why.push('Qiscus down for everyone (outage rule)');
+    if (this.pullAmbiguity.has(agent)) why.push('roster pull ambiguity: a room of ours on the agent not placed yet');
     if (this.pipelinesFull()) why.push("Qiscus slow: calls in flight fill every listener's pipeline");
     const last = room.st.last;
     if (last && !(last.status !== undefined && last.status >= 200 && last.status < 500 && last.status !== 429)) {

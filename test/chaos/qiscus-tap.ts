@@ -41,6 +41,8 @@ export interface QiscusTap {
   onCall?: (c: TapCall) => void;
   /** Called when a call ends (answer delivered, listener gone, or simulator unreachable). */
   onEnd?: (c: TapCall) => void;
+  /** Called synchronously as a roster pull (the agents list) arrives, before it is forwarded. */
+  onPull?: (at: number) => void;
   close(): Promise<void>;
 }
 
@@ -66,7 +68,10 @@ export async function startQiscusTap(target: string): Promise<QiscusTap> {
     req.on('end', () => {
       const body = Buffer.concat(chunks);
       let call: TapCall | undefined;
-      if (req.method === 'GET' && (req.url ?? '').split('?')[0] === '/api/v2/admin/agents') pulls.push(Date.now());
+      if (req.method === 'GET' && (req.url ?? '').split('?')[0] === '/api/v2/admin/agents') {
+        pulls.push(Date.now());
+        tap.onPull?.(Date.now());
+      }
       if (req.method === 'POST' && (req.url ?? '').split('?')[0]!.replace(/\/+$/, '') === ASSIGN_PATH) {
         try {
           const o = JSON.parse(body.toString('utf8')) as { room_id?: unknown; agent_id?: unknown };
