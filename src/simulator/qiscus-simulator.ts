@@ -40,6 +40,8 @@ export interface ScriptStep {
   hang?: boolean;
   /** Perform the assignment before answering `status` (with `hang`: perform, then never answer). */
   accept?: boolean;
+  /** Wait this long between deciding (and, with `accept`, performing) and answering; overrides `Faults.answerDelayMs`. */
+  answerDelayMs?: number;
 }
 
 export interface Faults {
@@ -60,6 +62,18 @@ export interface Faults {
   script: ScriptStep[];
   /** Also apply latency / hang / 429 / 5xx to the agents list. */
   faultsOnList: boolean;
+  /**
+   * Delay between deciding an assign call (performing it, for a success) and sending its answer: fixed, or uniform
+   * in [min, max]. With `latencyMs` (the delay before deciding) this splits a slow call into "not yet at Qiscus" and
+   * "done at Qiscus, answer still on its way", so a listener killed meanwhile loses some answers of calls that landed.
+   */
+  answerDelayMs: number | [number, number];
+  /**
+   * An assign call whose client went away (timed out, was killed) before the simulator decided it is dropped:
+   * nothing is performed or logged (it never reached Qiscus). Counted in `droppedCalls`. Off: such calls are still
+   * performed, as a server that does not notice the disconnect would.
+   */
+  dropIfClientGone: boolean;
 }
 
 export interface AssignmentLogEntry {
@@ -74,6 +88,43 @@ export interface AssignmentLogEntry {
   repeat?: boolean;
   /** The room's session (1 = first service, +1 after each resolution). */
   session: number;
+  /** True when this call put the agent in the room, whatever it answered (a 200, or an accept-then-fail). */
+  performed?: boolean;
+  /** Date.now() when the request (its body read) reached the simulator. */
+  receivedAt?: number;
+  /** Date.now() when the answer was written; absent while it is delayed, and for calls never answered. */
+  answeredAt?: number;
+}
+
+/** An assignment the simulator has just performed (see `onAssigned`, `resolveOnAssign`). */
+export interface PerformedAssignment {
+  roomId: string;
+  agentId: number;
+  /** The service the agent was put in: the `data.service.id` of a 200 answer, and of the resolution webhook. */
+  serviceId: number;
+  session: number;
+}
+
+/** A resolution posted by `resolveOnAssign`, with how our app answered it. */
+export interface AutoResolution {
+  room_id: string;
+  agent_id: number;
+  service_id: number;
+  /** Date.now() when the room was resolved (right after the assignment was performed). */
+  at: number;
+  /** HTTP status of the webhook; 0 until it is answered, or when it could not be delivered (see `error`). */
+  status: number;
+  body?: unknown;
+  error?: string;
+}
+
+/** What `up()` reports about the outage it ends. */
+export interface OutageReport {
+  ms: number;
+  /** Assign calls answered with the outage status meanwhile. */
+  assignCalls: number;
+  /** Agents-list requests answered with the outage status meanwhile (0 unless `down({ list: true })`). */
+  listCalls: number;
 }
 
 export interface SimulatorStats {
@@ -103,6 +154,10 @@ export interface SimulatorOptions {
   faults?: Partial<Faults>;
   /** Seed for random faults, so a run can be reproduced. Random when absent (see `sim.seed`). */
   seed?: number;
+  /** See `Simulator.onAssigned`. */
+  onAssigned?: (a: PerformedAssignment) => void;
+  /** See `Simulator.resolveOnAssign`. */
+  resolveOnAssign?: boolean | { by?: number };
 }
 
 export interface Simulator {
@@ -127,6 +182,35 @@ export interface Simulator {
   maxLoadSeenAll(): number;
   /** Successful, non-repeated API assignments of the room in its current (latest) session. */
   assignCount(roomId: string): number;
+
+  /**
+   * Called synchronously each time an assign call puts an agent in a room (not for repeats), before the answer is
+   * sent: a test may resolve the room here (`sim.resolve`), so that the resolution is in flight with the answer.
+   */
+  onAssigned: ((a: PerformedAssignment) => void) | undefined;
+  /**
+   * Resolve every room the moment an assign call puts an agent in it, as a very quick agent would: the room is
+   * resolved in the simulator at once and the close_request webhook is posted in the background, with
+   * `resolved_by` the assigned agent (or `by`) and the service id of the assignment. The assign answer is not
+   * delayed by it. Each one is recorded in `autoResolutions`.
+   */
+  resolveOnAssign: boolean | { by?: number };
+  readonly autoResolutions: AutoResolution[];
+  /** Agents-list requests as they arrived: time and page. */
+  readonly listRequests: Array<{ at: number; page: number }>;
+  /** Assign calls received and not answered yet whose client is still there: not yet decided, and performed. */
+  inFlight(): { notPerformed: number; performed: number };
+  /** Assign calls dropped because their client went away first (`Faults.dropIfClientGone`). */
+  readonly droppedCalls: number;
+  /**
+   * Qiscus is down from now on: every assign call is answered `status` (503) and does nothing, before any script
+   * step or fault (with `list`, the agents list too). Until `up()`.
+   */
+  down(opts?: { status?: number; list?: boolean }): void;
+  /** Ends the outage begun by `down()` and says how long it lasted and how many calls it answered. */
+  up(): OutageReport;
+  /** The outage under way, if any. */
+  readonly outage: (OutageReport & { since: number }) | null;
 
   addAgent(a: SimAgentInit): void;
   setAgent(id: number, patch: Partial<Omit<SimAgentInit, 'id'>>): void;
@@ -194,6 +278,8 @@ export function defaultFaults(): Faults {
     rejectAgents: new Set(),
     script: [],
     faultsOnList: false,
+    answerDelayMs: 0,
+    dropIfClientGone: false,
   };
 }
 
@@ -240,6 +326,12 @@ export async function startSimulator(opts: SimulatorOptions = {}): Promise<Simul
 
   const timers = new Set<NodeJS.Timeout>();
   let closed = false;
+  const autoResolutions: AutoResolution[] = [];
+  const listRequests: Array<{ at: number; page: number }> = [];
+  /** Assign calls under way: whether they have been performed yet. */
+  const pending = new Set<{ performed: boolean }>();
+  let droppedCalls = 0;
+  let outage: { since: number; status: number; list: boolean; assignCalls: number; listCalls: number } | null = null;
 
   // ---------- state helpers ----------
 
@@ -443,11 +535,11 @@ export async function startSimulator(opts: SimulatorOptions = {}): Promise<Simul
     });
   }
 
-  function latency(): number {
-    const l = faults.latencyMs;
+  function pick(l: number | [number, number]): number {
     if (Array.isArray(l)) return l[0] + rand() * Math.max(0, l[1] - l[0]);
     return l;
   }
+  const latency = () => pick(faults.latencyMs);
 
   const roll = (p: number) => p > 0 && rand() < p;
 
@@ -504,6 +596,11 @@ export async function startSimulator(opts: SimulatorOptions = {}): Promise<Simul
   }
 
   async function handleList(url: URL, res: ServerResponse): Promise<void> {
+    listRequests.push({ at: Date.now(), page: Math.max(1, Math.floor(Number(url.searchParams.get('page') ?? 1)) || 1) });
+    if (outage?.list) {
+      outage.listCalls += 1;
+      return send(res, LIST_ROUTE, errorAnswer(outage.status, { message: 'Service Unavailable' }));
+    }
     if (faults.faultsOnList) {
       if (!(await applyLatency())) return;
       const f = randomFault();
@@ -520,6 +617,7 @@ export async function startSimulator(opts: SimulatorOptions = {}): Promise<Simul
   async function handleAssign(req: IncomingMessage, res: ServerResponse): Promise<void> {
     const read = await readBody(req);
     if (read === 'aborted') return;
+    const receivedAt = Date.now();
     if (read === 'too-large') return send(res, ASSIGN_ROUTE, errorAnswer(413, 'request body too large'));
     let input: unknown;
     try {
@@ -537,18 +635,68 @@ export async function startSimulator(opts: SimulatorOptions = {}): Promise<Simul
     }
     if (!Number.isInteger(maxAgent) || maxAgent < 1) return send(res, ASSIGN_ROUTE, errorAnswer(400, 'max_agent is invalid'));
 
+    const call = { performed: false };
+    let clientGone = false;
+    pending.add(call);
+    res.on('close', () => {
+      pending.delete(call); // answered, or the client went away
+      if (!res.writableEnded) clientGone = true;
+    });
     if (!(await applyLatency())) return;
+    if (faults.dropIfClientGone && (clientGone || res.destroyed)) {
+      droppedCalls += 1;
+      return;
+    }
 
-    const log = (status: number, extra: Partial<AssignmentLogEntry> = {}) =>
-      assignments.push({ room_id: roomId, agent_id: agentId, at: Date.now(), status, session: rooms.get(roomId)?.session ?? 0, ...extra });
+    const log = (status: number, extra: Partial<AssignmentLogEntry> = {}): AssignmentLogEntry => {
+      const entry: AssignmentLogEntry = {
+        room_id: roomId,
+        agent_id: agentId,
+        at: Date.now(),
+        status,
+        session: rooms.get(roomId)?.session ?? 0,
+        receivedAt,
+        ...extra,
+      };
+      assignments.push(entry);
+      return entry;
+    };
+    /** Sends the answer after the answer delay, noting when it went out. */
+    const reply = async (entry: AssignmentLogEntry, a: Answer, delayMs = pick(faults.answerDelayMs)): Promise<void> => {
+      if (delayMs > 0) {
+        await sleep(delayMs);
+        if (closed) return;
+      }
+      const written = !res.destroyed && !res.writableEnded;
+      send(res, ASSIGN_ROUTE, a);
+      if (written) entry.answeredAt = Date.now();
+    };
+    /** performAssign, telling onAssigned / resolveOnAssign when it put the agent in the room. */
+    const perform = () => {
+      const real = performAssign(roomId, agentId, maxAgent);
+      const performed = real.status === 200 && !real.repeat;
+      if (performed) {
+        call.performed = true;
+        afterPerform(roomId, agentId);
+      }
+      return { real, performed };
+    };
+
+    if (outage) {
+      outage.assignCalls += 1;
+      const entry = log(outage.status, { fault: 'error' });
+      return reply(entry, errorAnswer(outage.status, { message: 'Service Unavailable' }));
+    }
 
     const step = faults.script.shift();
     if (step) {
       stats.faults.script += 1;
       let real: (Answer & { repeat?: boolean }) | undefined;
-      if (step.accept) real = performAssign(roomId, agentId, maxAgent);
+      let performed = false;
+      if (step.accept) ({ real, performed } = perform());
+      const extra: Partial<AssignmentLogEntry> = performed ? { fault: 'script', performed } : { fault: 'script' };
       if (step.hang) {
-        log(0, { fault: 'script' });
+        log(0, extra);
         return hang(ASSIGN_ROUTE);
       }
       const ok = step.status >= 200 && step.status < 300;
@@ -558,8 +706,8 @@ export async function startSimulator(opts: SimulatorOptions = {}): Promise<Simul
           : ok && real
             ? real.body
             : { errors: STATUS_CODES[step.status] ?? 'scripted error', status: step.status };
-      log(step.status, { fault: 'script' });
-      return send(res, ASSIGN_ROUTE, { status: step.status, body, headers: step.headers });
+      const entry = log(step.status, extra);
+      return reply(entry, { status: step.status, body, headers: step.headers }, step.answerDelayMs);
     }
 
     const f = randomFault();
@@ -568,23 +716,41 @@ export async function startSimulator(opts: SimulatorOptions = {}): Promise<Simul
       return hang(ASSIGN_ROUTE);
     }
     if (f) {
-      log(f.status, { fault: f.status === 429 ? 'rate429' : 'error' });
-      return send(res, ASSIGN_ROUTE, f);
+      const entry = log(f.status, { fault: f.status === 429 ? 'rate429' : 'error' });
+      return reply(entry, f);
     }
     if (faults.rejectAgents.has(agentId)) {
       stats.faults.reject += 1;
-      log(400, { fault: 'reject' });
-      return send(res, ASSIGN_ROUTE, errorAnswer(400, 'agent cannot be assigned'));
+      const entry = log(400, { fault: 'reject' });
+      return reply(entry, errorAnswer(400, 'agent cannot be assigned'));
     }
 
-    const real = performAssign(roomId, agentId, maxAgent);
+    const { real, performed } = perform();
+    const flags: Partial<AssignmentLogEntry> = performed ? { performed } : {};
     if (real.status === 200 && roll(faults.acceptThenFailRate)) {
       stats.faults.acceptThenFail += 1;
-      log(500, { fault: 'acceptThenFail' });
-      return send(res, ASSIGN_ROUTE, errorAnswer(500, 'internal server error'));
+      const entry = log(500, { fault: 'acceptThenFail', ...flags });
+      return reply(entry, errorAnswer(500, 'internal server error'));
     }
-    log(real.status, real.repeat ? { repeat: true } : {});
-    send(res, ASSIGN_ROUTE, real);
+    const entry = log(real.status, real.repeat ? { repeat: true } : flags);
+    return reply(entry, real);
+  }
+
+  /** After an assign call put `agentId` in the room: the onAssigned hook, then resolveOnAssign. */
+  function afterPerform(roomId: string, agentId: number): void {
+    const r = rooms.get(roomId)!;
+    const a: PerformedAssignment = { roomId, agentId, serviceId: r.open!.id, session: r.session };
+    sim.onAssigned?.(a);
+    const auto = sim.resolveOnAssign;
+    if (!auto || r.open?.id !== a.serviceId) return; // off, or the hook resolved it already
+    const entry: AutoResolution = { room_id: roomId, agent_id: agentId, service_id: a.serviceId, at: Date.now(), status: 0 };
+    autoResolutions.push(entry);
+    const by = typeof auto === 'object' ? auto.by : undefined;
+    // resolve() changes the room at once (its synchronous part); only the webhook is left to run in the background.
+    resolve(roomId, by === undefined ? {} : { by }).then(
+      (w) => Object.assign(entry, { status: w.status, body: w.body }),
+      (e: unknown) => (entry.error = String(e)),
+    );
   }
 
   async function handle(req: IncomingMessage, res: ServerResponse): Promise<void> {
@@ -793,6 +959,34 @@ export async function startSimulator(opts: SimulatorOptions = {}): Promise<Simul
     maxLoadSeen: (agentId) => maxLoad.get(agentId) ?? 0,
     maxLoadSeenAll: () => maxLoadAll,
     assignCount: (roomId) => rooms.get(roomId)?.assignCount ?? 0,
+
+    onAssigned: opts.onAssigned,
+    resolveOnAssign: opts.resolveOnAssign ?? false,
+    autoResolutions,
+    listRequests,
+    inFlight() {
+      let performed = 0;
+      for (const c of pending) if (c.performed) performed += 1;
+      return { notPerformed: pending.size - performed, performed };
+    },
+    get droppedCalls() {
+      return droppedCalls;
+    },
+    down(o = {}) {
+      if (outage) return;
+      outage = { since: Date.now(), status: o.status ?? 503, list: o.list ?? false, assignCalls: 0, listCalls: 0 };
+    },
+    up() {
+      const o = outage;
+      outage = null;
+      if (!o) return { ms: 0, assignCalls: 0, listCalls: 0 };
+      return { ms: Date.now() - o.since, assignCalls: o.assignCalls, listCalls: o.listCalls };
+    },
+    get outage() {
+      if (!outage) return null;
+      const { since, assignCalls, listCalls } = outage;
+      return { since, ms: Date.now() - since, assignCalls, listCalls };
+    },
 
     addAgent,
     setAgent(id, patch) {
