@@ -44,9 +44,11 @@
  *      while a room of ours on that agent is not confirmed yet (its call in flight, answered but not reported, or
  *      failed ambiguously and waiting for its retry), the count cannot tell that room from one assigned by hand, so
  *      the safe side is kept: the agent's conditions are excused until the next pull, provided every room of ours
- *      that pull saw on the agent was confirmed (its 200 answered at least REPORT_LAG_MS) before it started; that
- *      pull is the evidence invariant 9 names ("the first pull that started after the call ended"), and from it
- *      the bound applies in full. At the shipped AGENT_SYNC_SECONDS (30) this can keep a free slot idle for up to
+ *      that pull saw on the agent was confirmed before it started; that pull is the evidence invariant 9 names
+ *      ("the first pull that started after the call ended"), and from it the bound applies in full. "Confirmed
+ *      before it started" is judged from outside as "its 200 answered at least PULL_SLACK_MS before the pull's
+ *      request reached Qiscus": the pull's start (sync_agents's started_at) comes a moment before its request, and
+ *      the confirm a moment after the answer. At the shipped AGENT_SYNC_SECONDS (30) this can keep a free slot idle for up to
  *      a pull period per listener: counted and reported apart ("roster pull ambiguity").
  *   5. The machine, not the allocator: the chaos driver itself (which hosts the simulator and the tap) did not run
  *      for longer than STALL_MS between two samples (Qiscus was not answering then, and the watch was not
@@ -73,8 +75,12 @@ export const DEAD_LISTENER_MS = 2000;
 export const STALL_MS = 500;
 /** A probe of the database slower than this means the database (or the machine) was not answering. */
 export const SLOW_DB_MS = 500;
-/** Time from an assign call's 200 answer to its confirm being committed (the listener's report), allowed. */
-export const REPORT_LAG_MS = 250;
+/**
+ * A room whose 200 was answered less than this before a pull's request reached Qiscus may not have been confirmed
+ * when that pull started (its start precedes its request; the confirm follows the answer): excuse 4 treats it as a
+ * room the pull could not place.
+ */
+export const PULL_SLACK_MS = 1000;
 /** Calls in flight per listener: LISTENER_CONCURRENCY's default (the chaos run leaves it unset). */
 const LISTENER_CONCURRENCY = 8;
 /** A call cut this long (or longer) after it started was cut by the listener's own timeout (10 s), not a kill. */
@@ -241,7 +247,7 @@ export class LivenessWatch {
               c.status !== undefined &&
               c.status >= 200 &&
               c.status < 300 &&
-              c.end! <= at - REPORT_LAG_MS,
+              c.end! <= at - PULL_SLACK_MS,
           );
           if (!confirmed) unsettled.add(room);
         }

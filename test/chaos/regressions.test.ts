@@ -337,6 +337,34 @@ describe('BUG found by the liveness soak (fails until fixed)', () => {
     await pull(p, 1); // starts after x is confirmed: Qiscus 1 room, ours 1
     await expectSecondSlotFree(p);
   });
+
+  // Invariants 7 and 9. Chaos seed 32, agent 10: our_load 1, external_load 1, external_seen 0, qiscus_load 0 at a
+  // pull 0.6 s before, external_hold_until 11.5 s past; rooms c00161, c00162 waited with agent 10 free in Qiscus.
+  // A call that landed after its room's resolution (settle_resolved_in_flight: the answer named a service other
+  // than the one resolved) is counted on the agent as a room held without us, until pulls say otherwise. The
+  // agent then resolves that room in Qiscus: the Mark-as-Resolved webhook names the room, the agent and the very
+  // service the late answer named, but accept_close_request answers already_resolved and changes nothing (it does
+  // not know that service), so the slot stays counted until a pull started after the hold sees Qiscus's count,
+  // and one more pull agrees (external_after_pull).
+  it('SQL: the resolution of a room counted after a late landing frees the slot at once (its service is the evidence)', async () => {
+    db = await createTestDatabase();
+    const p = db.pool;
+    await setting(p, 'default_max_load', 1);
+    await addAgents(p, [1]);
+    await queue(p, 'x');
+    const r = (await reserve(p))!;
+    // an admin resolves x (service 115830001) while the call to agent 1 is in flight
+    await p.query(`select * from allocator.accept_close_request($1::jsonb, 'test')`, [resolvedBy('x', 115830001, 900001)]);
+    // the call lands afterwards: Qiscus opened a new service, 115830002, with agent 1 in it
+    await p.query(`select allocator.confirm($1, $2)`, [r.attempt_id, 115830002]);
+    expect(await totalLoadOf(p, 1)).toBe(1); // counted: agent 1 holds x in Qiscus
+    await queue(p, 'y');
+    expect(await reserve(p)).toBeUndefined();
+    // agent 1 resolves that service: x is no longer on agent 1
+    await p.query(`select * from allocator.accept_close_request($1::jsonb, 'test')`, [resolvedBy('x', 115830002, 1)]);
+    expect(await totalLoadOf(p, 1)).toBe(0);
+    expect((await reserve(p))?.room_id).toBe('y');
+  });
 });
 
 /** Agent 1's roster as Qiscus lists it, holding `rooms` rooms. */
