@@ -20,15 +20,17 @@ export function secretEquals(expected: string, given: string | undefined): boole
  */
 export function requireSecret(secret: string | undefined, previous?: string): MiddlewareHandler<AppEnv> {
   if (!secret) return async (_c, next) => next();
-  const accepted = previous ? [secret, previous] : [secret];
   return async (c, next) => {
     // Evaluate every pair, so the time taken does not say which one was tried or which secret matched.
     const given = [c.req.query('secret'), c.req.header('x-webhook-secret')];
-    let ok = false;
-    for (const expected of accepted) for (const g of given) ok = secretEquals(expected, g) || ok;
-    if (!ok) {
+    const matches = (expected: string | undefined) => given.map((g) => expected !== undefined && secretEquals(expected, g));
+    const current = matches(secret).includes(true);
+    const old = matches(previous).includes(true);
+    if (!current && !old) {
       return problem(c, 401, 'missing or wrong webhook secret (query parameter `secret` or header X-Webhook-Secret)');
     }
+    // During a rotation: tells when Qiscus has stopped using the old URLs, so that the old secret can be dropped.
+    if (!current) c.get('log').info('webhook with the previous secret (WEBHOOK_SECRET_PREVIOUS)');
     return next();
   };
 }

@@ -7,6 +7,7 @@
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { NO_SECRET_WARNING } from '../../src/http/app.ts';
+import { readSnapshot } from '../../src/http/dashboard/feed.ts';
 import { createTestDatabase, type TestDatabase } from '../support/db.ts';
 import { newRequest } from '../support/fixtures.ts';
 import { eventually, sleep } from '../support/processes.ts';
@@ -340,6 +341,39 @@ describe('what it shows', () => {
     }
     expect(page).toMatch(/<meter min="0" max="2" value="2"/);
     expect(page).toContain('unavailable in Qiscus');
+  });
+
+  it('lists the queue exactly as allocator.queue does: order, positions, divisions (priorities and routes too)', async () => {
+    const other = await createTestDatabase();
+    try {
+      const q = other.pool;
+      await q.query(`insert into allocator.divisions (id, name) values (439, 'Support'), (440, '')`);
+      await q.query(`insert into allocator.routes (source, division_ids) values ('wa', '{439,440}')`);
+      await q.query(`insert into allocator.routes (source, division_ids, overflow_seconds) values ('fb', '{439}', 0)`);
+      await q.query(`insert into allocator.source_priority values ('line', 10)`);
+      const sources = ['qiscus', 'wa', 'line', 'fb'];
+      for (let i = 0; i < 130; i++) await queue(q, `q-${i}`, newRequest(`q-${i}`, { source: sources[i % 4] }));
+      await q.query(`update allocator.sessions set attempts = 2, last_error = 'Qiscus 503' where room_id = 'q-5'`);
+      const view = (await q.query(`select position, room_id, source, attempts, last_error, division_ids from allocator.queue limit 100`)).rows;
+      const snap = await readSnapshot(q);
+      expect(snap.waiting).toBe(130);
+      const names: Record<string, string> = { 439: 'Support', 440: '#440' };
+      expect(snap.queue.map(({ waited_seconds: _w, ...r }) => r)).toEqual(
+        view.map((r) => ({
+          position: Number(r.position),
+          room_id: r.room_id,
+          source: r.source,
+          attempts: r.attempts,
+          last_error: r.last_error,
+          divisions: r.division_ids ? r.division_ids.map((d: string) => names[d]) : null,
+        })),
+      );
+      expect(snap.queue[0]!.source).toBe('line'); // priority first
+      expect(snap.queue.find((r) => r.source === 'wa')!.divisions).toEqual(['Support', '#440']);
+      expect(snap.queue.find((r) => r.source === 'fb')!.divisions).toBeNull(); // overflowed: anyone
+    } finally {
+      await other.drop();
+    }
   });
 
   it('serves its own script and stylesheet (nothing from elsewhere), without a login', async () => {

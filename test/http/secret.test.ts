@@ -1,6 +1,8 @@
 /** WEBHOOK_SECRET: in the query or a header, compared in constant time; missing or wrong → 401, nothing stored. */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { pino } from 'pino';
 import { ConfigError, loadConfig } from '../../src/config/index.ts';
+import { createApp } from '../../src/http/app.ts';
 import { secretEquals } from '../../src/http/secret.ts';
 import { createTestDatabase, type TestDatabase } from '../support/db.ts';
 import { newRequest, resolvedRequest } from '../support/fixtures.ts';
@@ -106,6 +108,22 @@ describe('rotating the secret (WEBHOOK_SECRET_PREVIOUS)', () => {
     expect(await snapshot(db.pool)).toBe(before);
     // Once the old one is dropped from the environment, it is refused (the first app has no previous secret).
     expect((await post(`${app.url}${NEW}?secret=${PREVIOUS}`, newRequest('r5'))).status).toBe(401);
+  });
+
+  it('logs each webhook that still carries the previous secret (when to drop it), and not the others', async () => {
+    const lines: string[] = [];
+    const logger = pino({ level: 'info' }, { write: (l: string) => void lines.push(l) });
+    const hono = createApp({ pool: db.pool, logger, webhookSecret: SECRET, webhookSecretPrevious: PREVIOUS });
+    const send = (secret: string, room: string) =>
+      hono.request(`${NEW}?secret=${encodeURIComponent(secret)}`, {
+        method: 'POST',
+        headers: json,
+        body: JSON.stringify(newRequest(room)),
+      });
+    expect((await send(SECRET, 'r6')).status).toBe(200);
+    expect(lines.filter((l) => l.includes('previous secret'))).toHaveLength(0);
+    expect((await send(PREVIOUS, 'r7')).status).toBe(200);
+    expect(lines.filter((l) => l.includes('webhook with the previous secret'))).toHaveLength(1);
   });
 
   it('config: WEBHOOK_SECRET_PREVIOUS needs WEBHOOK_SECRET (except under npm start, which generates one)', () => {

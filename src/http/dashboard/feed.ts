@@ -63,9 +63,21 @@ const divisionNames = (ids: string) => `
      from unnest(${ids}) with ordinality x(id, n) left join allocator.divisions d on d.id = x.id)`;
 
 /**
+ * The first $1 rows of allocator.queue, with the same columns and order. Not `select ... from allocator.queue limit
+ * $1`: the view numbers every waiting room (row_number() over all of them) before a LIMIT can apply, a sort of the
+ * whole queue every second while a page is open. Here the LIMIT walks the view's order on the sessions_queue index
+ * and only those rows are numbered, which gives them the same positions. A test compares the two.
+ */
+const QUEUE_HEAD = `
+  select row_number() over (order by s.priority desc, s.queued_at, s.id) as position,
+         s.room_id, now() - s.queued_at as waited, s.attempts, s.last_error, s.source,
+         case when s.overflow_at <= now() then null else s.division_ids end as division_ids
+  from (select * from allocator.sessions where state = 'waiting' order by priority desc, queued_at, id limit $1) s`;
+
+/**
  * One statement, so one round trip and one consistent view. Counts, not room ids, for the agents; nothing from the
  * webhook payloads (customer names, e-mails, messages) is read at all. Each part reads through an index: the queue
- * through sessions_queue (the view's order, so the LIMIT stops early), the longest wait through
+ * through sessions_queue (see QUEUE_HEAD), the longest wait through
  * sessions_waiting_since, the last minute and hour through sessions_assigned_at and attempts_finished_at.
  * Failures are the calls that did not land (transient, refused, lease expired); a room resolved or released
  * meanwhile is not one.
@@ -88,7 +100,7 @@ const SNAPSHOT_SQL = `
                'divisions', ${divisionNames('q.division_ids')},
                'waited_seconds', extract(epoch from q.waited)::float8,
                'attempts', q.attempts, 'last_error', q.last_error) order by q.position)
-      from (select * from allocator.queue limit $1) q), '[]'),
+      from (${QUEUE_HEAD}) q), '[]'),
     'agents', coalesce((
       select json_agg(json_build_object(
                'id', l.id, 'name', l.name,
