@@ -8,11 +8,12 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { NO_SECRET_WARNING } from '../../src/http/app.ts';
 import { readSnapshot } from '../../src/http/dashboard/feed.ts';
+import { startHttpServer } from '../../src/http/server.ts';
 import { createTestDatabase, type TestDatabase } from '../support/db.ts';
 import { newRequest } from '../support/fixtures.ts';
 import { eventually, sleep } from '../support/processes.ts';
 import { addAgents, assignAll, queue } from '../support/sql.ts';
-import { get, post, startApp, type RunningApp } from './harness.ts';
+import { get, post, startApp, testLogger, type RunningApp } from './harness.ts';
 
 const TOKEN = 'dashboard-token-for-tests-0123456789';
 let db: TestDatabase;
@@ -287,6 +288,22 @@ describe('the live feed', () => {
       await client.done;
     }
   });
+
+  it('open pages do not hold up a stopping server: their streams end at once', async () => {
+    const server = await startHttpServer({
+      pool: db.pool,
+      logger: testLogger,
+      port: 0,
+      hostname: '127.0.0.1',
+      dashboard: { token: TOKEN },
+    });
+    const clients = [1, 2, 3].map(() => listen(`http://127.0.0.1:${server.port}/dashboard/events`, bearer));
+    await eventually('every stream open', () => clients.every((c) => c.frames.length >= 1));
+    const t0 = Date.now();
+    await server.stop(); // graceMs is 10 s: a stream left open would hold it that long
+    expect(Date.now() - t0).toBeLessThan(2000);
+    await Promise.all(clients.map((c) => c.done)); // each stream ended (not aborted by us)
+  });
 });
 
 describe('what it shows', () => {
@@ -385,6 +402,22 @@ describe('what it shows', () => {
     expect((await get(`${app.url}/dashboard/assets/nope.js`)).status).toBe(404);
     const page = (await get(`${app.url}/dashboard`, { headers: bearer })).text;
     expect(page).not.toMatch(/(src|href)="(https?:)?\/\//);
+  });
+});
+
+describe('with the database away', () => {
+  it('the page says so and the JSON is a 503; no 500', async () => {
+    const away = await startApp('postgres://nobody:nothing@127.0.0.1:1/none', { dashboard: { token: TOKEN } });
+    try {
+      const page = await get(`${away.url}/dashboard`, { headers: bearer });
+      expect(page.status).toBe(200);
+      expect(page.text).toContain('the database does not answer');
+      const snap = await get(`${away.url}/dashboard/snapshot.json`, { headers: bearer });
+      expect(snap.status).toBe(503);
+      expect(snap.json.ok).toBe(false);
+    } finally {
+      await away.close();
+    }
   });
 });
 
