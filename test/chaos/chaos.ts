@@ -1093,6 +1093,13 @@ export async function runChaos(opts: ChaosOptions = {}): Promise<ChaosReport> {
     const loads = await pool.query<{ load: number; external: number }>(
       `select coalesce(sum(our_load), 0)::int as load, coalesce(sum(external_load), 0)::int as external from allocator.agents`,
     );
+    // Agents still counting rooms of ours once every session has ended: their last rooms' timelines.
+    const leftLoad = await pool.query<{ id: string; our_load: number; rooms: string[] }>(
+      `select a.id::text, a.our_load,
+              array(select s.room_id from allocator.sessions s where s.agent_id = a.id order by s.id desc limit 3) as rooms
+       from allocator.agents a where a.our_load <> 0`,
+    );
+    for (const a of leftLoad.rows) for (const room of a.rooms) implicate(room, `its agent ${a.id} still counts ${a.our_load} room(s) of ours at the end`);
 
     // Qiscus's side: every assign call, by answer
     const assignCalls: Record<string, number> = {};
@@ -1304,6 +1311,7 @@ export async function runChaos(opts: ChaosOptions = {}): Promise<ChaosReport> {
         name: 'agent load back to zero (database and Qiscus)',
         ok: loads.rows[0]!.load === 0 && sim.agents().every((a) => a.rooms.length === 0),
         value: `${loads.rows[0]!.load} / ${sim.agents().reduce((n, a) => n + a.rooms.length, 0)}`,
+        detail: leftLoad.rows.length ? leftLoad.rows.map((a) => `agent ${a.id}: our_load ${a.our_load}`).join(', ') : undefined,
       },
       {
         name: `liveness: a waiting room with a free agent gets its assign call within ${BOUND_MS / 1000} s`,

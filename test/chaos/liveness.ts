@@ -83,8 +83,6 @@ export const SLOW_DB_MS = 500;
 export const PULL_SLACK_MS = 1000;
 /** Calls in flight per listener: LISTENER_CONCURRENCY's default (the chaos run leaves it unset). */
 const LISTENER_CONCURRENCY = 8;
-/** A call cut this long (or longer) after it started was cut by the listener's own timeout (10 s), not a kill. */
-const TIMEOUT_CUT_MS = 9_500;
 
 /** What the watch needs to know of a customer's room (the driver's Room has these fields). */
 export interface RoomView {
@@ -171,6 +169,8 @@ export class LivenessWatch {
   private qiscusDown = false;
   /** Per agent: rooms of ours Qiscus counted on it at the latest pull that were not confirmed yet (excuse 4). */
   private readonly pullAmbiguity = new Map<number, Set<string>>();
+  /** Calls whose listener was killed under them (rescued, not reported: no backoff of the room's own). */
+  private readonly cutByKill = new WeakSet<TapCall>();
   private pgDownSince: number | null = null;
   private lastKill = -Infinity;
   private killWindow: Window | undefined;
@@ -260,8 +260,10 @@ export class LivenessWatch {
       const byAgent = this.openByAgent.get(c.agent);
       if (byAgent) byAgent.splice(byAgent.indexOf(c), 1);
       if (c.upstreamError) this.undecidedByRoom.set(c.room, (this.undecidedByRoom.get(c.room) ?? 1) - 1);
-      const cutByKill = c.clientGone && c.end! - c.start < TIMEOUT_CUT_MS;
-      if (cutByKill && this.killWindow && c.end! - this.lastKill < 500) {
+      // Cut by a kill: the listener went away within half a second of a kill (else it was its own timeout).
+      const cutByKill = Boolean(c.clientGone) && c.end! >= this.lastKill && c.end! - this.lastKill < 500;
+      if (cutByKill) this.cutByKill.add(c);
+      if (cutByKill && this.killWindow) {
         this.killWindow.rooms!.add(c.room);
         this.killWindow.agents!.add(c.agent);
       }
@@ -476,8 +478,7 @@ export class LivenessWatch {
     if (this.pipelinesFull()) why.push("Qiscus slow: calls in flight fill every listener's pipeline");
     const last = room.st.last;
     if (last && !(last.status !== undefined && last.status >= 200 && last.status < 500 && last.status !== 429)) {
-      const cutByKill = last.clientGone && last.end! - last.start < TIMEOUT_CUT_MS;
-      if (!cutByKill && now < last.end! + this.backoffBoundMs(room.id, this.sessionCalls(room).length)) {
+      if (!this.cutByKill.has(last) && now < last.end! + this.backoffBoundMs(room.id, this.sessionCalls(room).length)) {
         why.push("room's own backoff after a failed call");
       }
     }
