@@ -48,7 +48,10 @@
  *      ("the first pull that started after the call ended"), and from it the bound applies in full. "Confirmed
  *      before it started" is judged from outside as "its 200 answered at least PULL_SLACK_MS before the pull's
  *      request reached Qiscus": the pull's start (sync_agents's started_at) comes a moment before its request, and
- *      the confirm a moment after the answer. At the shipped AGENT_SYNC_SECONDS (30) this can keep a free slot idle for up to
+ *      the confirm a moment after the answer. On a loaded machine that moment can be longer, so the database's own
+ *      claim counts too: an agent whose latest pull recorded a count above its lowest possible one (external_load
+ *      above external_seen: rooms of ours in flight when the pull started), provided a call of ours to that agent
+ *      was out in the PULL_WINDOW_MS before the pull's request. Either way the excuse ends at the next pull. At the shipped AGENT_SYNC_SECONDS (30) this can keep a free slot idle for up to
  *      a pull period per listener: counted and reported apart ("roster pull ambiguity").
  *   5. The machine, not the allocator: the chaos driver itself (which hosts the simulator and the tap) did not run
  *      for longer than STALL_MS between two samples (Qiscus was not answering then, and the watch was not
@@ -81,6 +84,8 @@ export const SLOW_DB_MS = 500;
  * room the pull could not place.
  */
 export const PULL_SLACK_MS = 1000;
+/** How far before a pull's request its start may lie on a loaded machine (for the database's own claim, below). */
+const PULL_WINDOW_MS = 5000;
 /** Calls in flight per listener: LISTENER_CONCURRENCY's default (the chaos run leaves it unset). */
 const LISTENER_CONCURRENCY = 8;
 
@@ -162,6 +167,7 @@ export class LivenessWatch {
   private readonly callsByRoom = new Map<string, TapCall[]>();
   private readonly openCalls = new Map<string, number>();
   private readonly openByAgent = new Map<number, TapCall[]>();
+  private readonly callsByAgent = new Map<number, TapCall[]>();
   private readonly undecidedByRoom = new Map<string, number>();
   private decidedIndex = 0;
   /** Finished calls as the allocator's outage rule sees them, newest last. */
@@ -169,6 +175,10 @@ export class LivenessWatch {
   private qiscusDown = false;
   /** Per agent: rooms of ours Qiscus counted on it at the latest pull that were not confirmed yet (excuse 4). */
   private readonly pullAmbiguity = new Map<number, Set<string>>();
+  /** Agents whose latest pull said its count includes rooms of ours it could not place (external_load > external_seen). */
+  private declaredAmbiguous = new Set<number>();
+  /** Date.now() of the latest roster pull's request. */
+  private lastPullAt = -Infinity;
   /** Calls whose listener was killed under them (rescued, not reported: no backoff of the room's own). */
   private readonly cutByKill = new WeakSet<TapCall>();
   private pgDownSince: number | null = null;
@@ -232,9 +242,13 @@ export class LivenessWatch {
       const byAgent = this.openByAgent.get(c.agent) ?? [];
       byAgent.push(c);
       this.openByAgent.set(c.agent, byAgent);
+      const all = this.callsByAgent.get(c.agent) ?? [];
+      all.push(c);
+      this.callsByAgent.set(c.agent, all);
       this.undecidedByRoom.set(c.room, (this.undecidedByRoom.get(c.room) ?? 0) + 1);
     };
     o.tap.onPull = (at) => {
+      this.lastPullAt = at;
       // What Qiscus counts now, agent by agent, and which of those rooms the database could not place yet.
       for (const a of o.sim.agents()) {
         const unsettled = new Set<string>();
@@ -452,6 +466,18 @@ export class LivenessWatch {
     return { agents, waiting };
   }
 
+  /** A call of ours to the agent was out during the PULL_WINDOW_MS before the latest pull's request (or is still). */
+  private callNearLastPull(agent: number): boolean {
+    const at = this.lastPullAt;
+    const calls = this.callsByAgent.get(agent) ?? [];
+    for (let i = calls.length - 1; i >= 0; i--) {
+      const c = calls[i]!;
+      if (c.start < at && (c.end === undefined || c.end > at - PULL_WINDOW_MS)) return true;
+      if (c.start < at - 60_000) break; // calls are in order of start; none this old is still out
+    }
+    return false;
+  }
+
   /** Calls in flight (the listener still waiting for them) fill every serving listener's pipeline. */
   private pipelinesFull(): boolean {
     let open = 0;
@@ -474,7 +500,9 @@ export class LivenessWatch {
       if (!w.rooms || w.rooms.has(room.id) || w.agents!.has(agent)) why.push(w.why);
     }
     if (this.qiscusDown) why.push('Qiscus down for everyone (outage rule)');
-    if (this.pullAmbiguity.has(agent)) why.push('roster pull ambiguity: a room of ours on the agent not placed yet');
+    if (this.pullAmbiguity.has(agent) || (this.declaredAmbiguous.has(agent) && this.callNearLastPull(agent))) {
+      why.push('roster pull ambiguity: a room of ours on the agent not placed yet');
+    }
     if (this.pipelinesFull()) why.push("Qiscus slow: calls in flight fill every listener's pipeline");
     const last = room.st.last;
     if (last && !(last.status !== undefined && last.status >= 200 && last.status < 500 && last.status !== 429)) {
@@ -558,10 +586,13 @@ export class LivenessWatch {
     this.dbBusy = true;
     this.probeStart = Date.now();
     try {
-      const r = await this.probe.query<{ room_id: string; attempts: number }>(
-        `select room_id, attempts from allocator.sessions where state in ('waiting', 'reserved')`,
+      const r = await this.probe.query<{ room_id: string | null; attempts: number | null; agent: string | null }>(
+        `select room_id, attempts, null::text as agent from allocator.sessions where state in ('waiting', 'reserved')
+         union all
+         select null, null, id::text from allocator.agents where external_load > external_seen`,
       );
-      this.attempts = new Map(r.rows.map((x) => [x.room_id, x.attempts]));
+      this.attempts = new Map(r.rows.filter((x) => x.room_id !== null).map((x) => [x.room_id!, x.attempts!]));
+      this.declaredAmbiguous = new Set(r.rows.filter((x) => x.agent !== null).map((x) => Number(x.agent)));
     } catch {
       // PostgreSQL restarting: keep the last counts
     } finally {
