@@ -94,6 +94,15 @@ begin
   if last.id is null then
     v_outcome := 'unknown_room';
   elsif service is not null
+        and exists (select from allocator.sessions r where r.room_id = room and r.late_service_id = service) then
+    -- The resolution of a service a late assign call opened (see settle_resolved_in_flight): the agent no longer
+    -- holds the room, so the count it added goes at once.
+    update allocator.agents a set external_load = greatest(a.external_load - 1, 0)
+    from allocator.sessions r
+    where r.room_id = room and r.late_service_id = service and a.id = r.agent_id;
+    update allocator.sessions r set late_service_id = null where r.room_id = room and r.late_service_id = service;
+    v_outcome := 'resolved';
+  elsif service is not null
         and (last.prior_service_id = service
              or exists (select from allocator.sessions r
                         where r.room_id = room and r.state = 'resolved' and r.service_id = service)) then

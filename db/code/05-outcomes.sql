@@ -54,6 +54,8 @@ begin
     set our_load = our_load - 1, external_load = external_load + 1,
         external_hold_until = greatest(external_hold_until, now())
     where id = s.agent_id;
+    -- the new service, if the answer named it: its own resolution frees the count (accept_close_request)
+    update allocator.sessions set late_service_id = service where id = s.id and service is not null;
   else
     perform allocator.free_slot(s.agent_id);
   end if;

@@ -46,27 +46,34 @@ begin
     from jsonb_array_elements(roster) a
     where allocator.json_bigint(a -> 'id') is not null
   ),
+  -- Our rooms of each agent, as the pull may have seen them:
+  --   counted    confirmed before the pull started and open then: surely in Qiscus's count
+  --   uncertain  in Qiscus's count or not, we cannot tell: a call in flight when the pull started (still
+  --              reserved, confirmed since, or resolved since with its call out), or a room waiting for its retry
+  --              after an ambiguous failure (holds_slot: the first call may have landed)
   ours as (
     select s.agent_id,
-           count(*) filter (where s.assigned_at < started_at
-                              and (s.state = 'assigned' or (s.state = 'resolved' and s.resolved_at >= started_at)))
-             ::integer as counted,
-           -- calls in flight when the pull started: Qiscus may or may not count their rooms yet
-           count(*) filter (where s.reserved_at < started_at
-                              and (s.state = 'reserved' or (s.state = 'resolved' and s.attempt_id is not null)))
-             ::integer as in_flight
+           count(*) filter (where s.state in ('assigned', 'resolved') and s.assigned_at < started_at)::integer
+             as counted,
+           count(*) filter (where (s.state = 'waiting' and s.holds_slot)
+                               or (s.reserved_at < started_at
+                                   and (s.state = 'reserved'
+                                        or (s.state = 'resolved' and s.attempt_id is not null)
+                                        or (s.state in ('assigned', 'resolved') and s.assigned_at >= started_at))))
+             ::integer as uncertain
     from allocator.sessions s
     where s.agent_id in (select id from incoming)
-      and s.state in ('assigned', 'reserved', 'resolved')
-      and (s.state <> 'resolved' or s.resolved_at >= started_at or s.attempt_id is not null)
+      and (s.state in ('assigned', 'reserved')
+           or (s.state = 'waiting' and s.holds_slot)
+           or (s.state = 'resolved' and (s.resolved_at >= started_at or s.attempt_id is not null)))
     group by s.agent_id
   ),
   pulled as (
-    -- by_hand: Qiscus's count less our rooms it surely counts (too careful: a call in flight that landed is
-    -- counted here too, until the next pull). seen: the same less the calls in flight as well, the count as low as
+    -- by_hand: Qiscus's count less our rooms it surely counts (too careful: an uncertain room that Qiscus counts is
+    -- counted here too, until the next pull). seen: the same less the uncertain ones as well, the count as low as
     -- it can truly be, which is what the next pull compares with (see external_after_pull).
     select i.*, greatest(i.qiscus_load - coalesce(o.counted, 0), 0) as by_hand,
-           greatest(i.qiscus_load - coalesce(o.counted, 0) - coalesce(o.in_flight, 0), 0) as seen
+           greatest(i.qiscus_load - coalesce(o.counted, 0) - coalesce(o.uncertain, 0), 0) as seen
     from incoming i left join ours o on o.agent_id = i.id
   )
   insert into allocator.agents as a (id, name, email, type, is_available, force_offline, present, qiscus_load,

@@ -427,9 +427,14 @@ export class Model {
     return this.sessions.filter((s) => s.agentId === agentId && s.state === 'assigned').length;
   }
 
-  /** Calls in flight for the agent (reserved, or resolved with the call still out): Qiscus may count them or not. */
+  /**
+   * The agent's rooms Qiscus may count or not: calls in flight (reserved, or resolved with the call still out) and
+   * rooms waiting for their retry after an ambiguous failure (holding the slot).
+   */
   inFlight(agentId: number): number {
-    return this.sessions.filter((s) => s.agentId === agentId && s.attemptId !== null).length;
+    return this.sessions.filter(
+      (s) => s.agentId === agentId && (s.attemptId !== null || (s.state === 'waiting' && s.holdsSlot)),
+    ).length;
   }
 
   /**
