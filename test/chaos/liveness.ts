@@ -168,6 +168,8 @@ export class LivenessWatch {
   private readonly openCalls = new Map<string, number>();
   private readonly openByAgent = new Map<number, TapCall[]>();
   private readonly callsByAgent = new Map<number, TapCall[]>();
+  /** Per room session (`room#session`): the excuses that held its clock at some point. */
+  readonly roomExcuses = new Map<string, Set<string>>();
   private readonly undecidedByRoom = new Map<string, number>();
   private decidedIndex = 0;
   /** Finished calls as the allocator's outage rule sees them, newest last. */
@@ -550,7 +552,10 @@ export class LivenessWatch {
         if (dbSlow && this.pgDownSince === null) why.push('the database (or the machine) did not answer within 0.5 s');
         if (!why.every((w) => w === "room's own backoff after a failed call") || why.length === 0) unexcusedBesidesBackoff++;
         if (why.length > 0) {
+          const mine = this.roomExcuses.get(`${r.id}#${r.sessions}`) ?? new Set<string>();
+          this.roomExcuses.set(`${r.id}#${r.sessions}`, mine);
           for (const w of why) {
+            mine.add(w);
             if (!c.excusedBy.has(w)) {
               c.excusedBy.add(w);
               this.figures.excused[w] = (this.figures.excused[w] ?? 0) + 1;
