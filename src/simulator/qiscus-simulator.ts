@@ -16,6 +16,8 @@ export interface SimAgentInit {
   force_offline?: boolean;
   /** "agent" (default) serves rooms; "admin" / "supervisor" are listed but cannot be assigned. */
   type_as_string?: string;
+  /** Divisions the agent is in (see SimulatorOptions.divisions). */
+  divisions?: number[];
 }
 
 export interface SimAgent {
@@ -25,6 +27,8 @@ export interface SimAgent {
   is_available: boolean;
   force_offline: boolean;
   type_as_string: string;
+  /** Divisions the agent is in. */
+  divisions: number[];
   /** Rooms the agent holds now, in the order they were taken. */
   rooms: string[];
 }
@@ -144,6 +148,8 @@ export interface WebhookResult {
 }
 
 export interface SimulatorOptions {
+  /** Divisions (teams): id → name. Agents join them through `SimAgentInit.divisions` or `setAgentDivisions`. */
+  divisions?: Record<number, string>;
   port?: number;
   host?: string;
   appId?: string;
@@ -214,6 +220,11 @@ export interface Simulator {
 
   addAgent(a: SimAgentInit): void;
   setAgent(id: number, patch: Partial<Omit<SimAgentInit, 'id'>>): void;
+  /** A division appears (or is renamed) in Qiscus; `removeDivision` deletes it. */
+  addDivision(id: number, name?: string): void;
+  removeDivision(id: number): void;
+  /** The agent is now in exactly these divisions. */
+  setAgentDivisions(agentId: number, divisionIds: number[]): void;
   /** The agent vanishes from the list; rooms it held are left without an agent. */
   removeAgent(id: number): void;
   /** Put a room on an agent as a supervisor would in the dashboard (moves it if it had another agent). */
@@ -229,8 +240,12 @@ export interface Simulator {
 }
 
 const LIST_ROUTE = 'GET /api/v2/admin/agents';
+const DIVISIONS_ROUTE = 'GET /api/v2/divisions';
+const DIVISION_AGENTS_ROUTE = 'GET /api/v2/admin/agents/by_division';
 const ASSIGN_ROUTE = 'POST /api/v1/admin/service/assign_agent';
 const FIRST_SERVICE_ID = 115830000;
+// Who resolves a room nobody holds (an admin in the dashboard): an id no test gives an agent.
+const ADMIN_ID = 900_001;
 const MAX_BODY_BYTES = 1 << 20;
 const WEBHOOK_TIMEOUT_MS = 10_000;
 
@@ -310,6 +325,7 @@ export async function startSimulator(opts: SimulatorOptions = {}): Promise<Simul
   const startedAt = new Date();
 
   const agentMap = new Map<number, AgentState>();
+  const divisionMap = new Map<number, string>(Object.entries(opts.divisions ?? {}).map(([id, name]) => [Number(id), name]));
   const rooms = new Map<string, RoomState>();
   const maxLoad = new Map<number, number>();
   let maxLoadAll = 0;
@@ -344,6 +360,7 @@ export async function startSimulator(opts: SimulatorOptions = {}): Promise<Simul
       is_available: a.is_available ?? true,
       force_offline: a.force_offline ?? false,
       type_as_string: a.type_as_string ?? 'agent',
+      divisions: [...(a.divisions ?? [])],
       rooms: new Set(),
       createdAt: isoSeconds(startedAt),
     };
@@ -595,6 +612,31 @@ export async function startSimulator(opts: SimulatorOptions = {}): Promise<Simul
     return true;
   }
 
+  /**
+   * The two v2 lists (fixtures divisions-page.json, agents-by-division-page.json): `data` is the array, with
+   * `meta {page, limit, total, total_page}`. Agents by division: one division per call (`division_ids[]`), offline
+   * agents included. An outage of the agents list fails them too.
+   */
+  function handleDivisions(route: string, url: URL, res: ServerResponse): void {
+    if (outage?.list) return send(res, route, errorAnswer(outage.status, { message: 'Service Unavailable' }));
+    const page = Math.max(1, Math.floor(Number(url.searchParams.get('page') ?? 1)) || 1);
+    const limit = Math.max(1, Math.floor(Number(url.searchParams.get('limit') ?? 20)) || 20);
+    const paged = <T>(all: T[]) => ({
+      data: all.slice((page - 1) * limit, page * limit),
+      meta: { page, limit, total: all.length, total_page: Math.ceil(all.length / limit) },
+    });
+    if (route === DIVISIONS_ROUTE) {
+      const all = [...divisionMap.entries()].sort(([x], [y]) => x - y).map(([id, name]) => ({
+        app_id: 1, created_at: isoSeconds(startedAt), id, is_default_role: false, name, updated_at: isoSeconds(startedAt),
+      }));
+      return send(res, route, { status: 200, body: paged(all) });
+    }
+    const division = Number(url.searchParams.get('division_ids[]'));
+    if (!divisionMap.has(division)) return send(res, route, errorAnswer(404, { message: 'division not found' }));
+    const members = [...agentMap.values()].filter((a) => a.divisions.includes(division)).sort((x, y) => x.id - y.id);
+    send(res, route, { status: 200, body: paged(members.map(listedAgent)) });
+  }
+
   async function handleList(url: URL, res: ServerResponse): Promise<void> {
     listRequests.push({ at: Date.now(), page: Math.max(1, Math.floor(Number(url.searchParams.get('page') ?? 1)) || 1) });
     if (outage?.list) {
@@ -756,11 +798,12 @@ export async function startSimulator(opts: SimulatorOptions = {}): Promise<Simul
   async function handle(req: IncomingMessage, res: ServerResponse): Promise<void> {
     const url = new URL(req.url ?? '/', 'http://sim.invalid');
     const route = `${req.method} ${url.pathname.replace(/\/+$/, '')}`;
-    if (route !== LIST_ROUTE && route !== ASSIGN_ROUTE) {
+    if (![LIST_ROUTE, ASSIGN_ROUTE, DIVISIONS_ROUTE, DIVISION_AGENTS_ROUTE].includes(route)) {
       return send(res, 'other', errorAnswer(404, 'not found'));
     }
     if (!authorized(req)) return send(res, route, errorAnswer(401, { message: 'Unauthorized' }));
     if (route === LIST_ROUTE) return handleList(url, res);
+    if (route === DIVISIONS_ROUTE || route === DIVISION_AGENTS_ROUTE) return handleDivisions(route, url, res);
     return handleAssign(req, res);
   }
 
@@ -916,7 +959,7 @@ export async function startSimulator(opts: SimulatorOptions = {}): Promise<Simul
     s.resolved_by = by?.id ?? byId ?? null;
     const resolvedBy = by
       ? { email: by.email, id: by.id, is_available: by.is_available, name: by.name, type: by.type_as_string }
-      : { email: 'admin@example.com', id: byId ?? 1, is_available: true, name: 'Admin', type: 'admin' };
+      : { email: 'admin@example.com', id: byId ?? ADMIN_ID, is_available: true, name: 'Admin', type: 'admin' };
     return postWebhook('close_request', {
       customer: { additional_info: [], avatar: r.customer.avatar, name: r.customer.name, user_id: r.customer.email },
       resolved_by: resolvedBy,
@@ -989,6 +1032,16 @@ export async function startSimulator(opts: SimulatorOptions = {}): Promise<Simul
     },
 
     addAgent,
+    addDivision(id, name) {
+      divisionMap.set(id, name ?? `Division ${id}`);
+    },
+    removeDivision(id) {
+      divisionMap.delete(id);
+      for (const a of agentMap.values()) a.divisions = a.divisions.filter((d) => d !== id);
+    },
+    setAgentDivisions(agentId, divisionIds) {
+      mustAgent(agentId).divisions = [...divisionIds];
+    },
     setAgent(id, patch) {
       const a = mustAgent(id);
       for (const [k, v] of Object.entries(patch)) if (v !== undefined) (a as unknown as Record<string, unknown>)[k] = v;
