@@ -252,3 +252,22 @@ describe('error helpers', () => {
     expect(parseRetryAfter(undefined, now)).toBeUndefined();
   });
 });
+
+describe('divisions', () => {
+  it('reads every page of the divisions and of one division\'s agents (offline ones too)', async () => {
+    const divisions = Object.fromEntries(Array.from({ length: 5 }, (_, i) => [400 + i, `Team ${i}`]));
+    const agents = Array.from({ length: 7 }, (_, i) => ({ id: 1 + i, is_available: i % 2 === 0, divisions: [400, 400 + (i % 5)] }));
+    const { client } = await setup({ divisions, agents });
+    const all = await client.listAllDivisions(2);
+    expect(all.map((d) => [d.id, d.name])).toEqual(Object.entries(divisions).map(([id, name]) => [Number(id), name]));
+    expect(await client.listDivisionAgentIds(400, 3)).toEqual([1, 2, 3, 4, 5, 6, 7]);
+    expect(await client.listDivisionAgentIds(402, 3)).toEqual([3]);
+  });
+
+  it('parses the fixtures: data is the array, with meta.total_page', async () => {
+    const { DivisionsPageSchema, AgentsByDivisionPageSchema } = await import('../../src/qiscus/schemas.ts');
+    const { fixture } = await import('../support/fixtures.ts');
+    expect(DivisionsPageSchema.parse(fixture('divisions-page.json')).data.map((d) => d.id)).toEqual([438, 439]);
+    expect(AgentsByDivisionPageSchema.parse(fixture('agents-by-division-page.json')).data.map((a) => a.id)).toEqual([1001]);
+  });
+});
