@@ -647,8 +647,12 @@ export class LivenessWatch {
         const ag = await this.o.pool.query(
           `select our_load, external_load, external_seen, qiscus_load, accepting, total_load,
                   round(extract(epoch from (now() - external_hold_until))::numeric, 2) as hold_until_ago_s,
-                  round(extract(epoch from (now() - synced_at))::numeric, 2) as synced_ago_s
-           from allocator.agents where id = $1`,
+                  round(extract(epoch from (now() - synced_at))::numeric, 2) as synced_ago_s,
+                  (select json_agg(json_build_object('room', q.room_id, 'state', q.state, 'holds_slot', q.holds_slot,
+                                                     'reserved_ago_s', round(extract(epoch from (now() - q.reserved_at))::numeric, 2)))
+                   from allocator.sessions q
+                   where q.agent_id = a.id and (q.state in ('reserved', 'assigned') or q.holds_slot)) as open_sessions
+           from allocator.agents a where a.id = $1`,
           [agent],
         );
         const h = await this.o.pool.query(`select down_since is not null as down from allocator.qiscus_health`);
@@ -688,9 +692,14 @@ export function causeOf(
   if (!a) return 'agent unknown to the database';
   if (!a.accepting) return 'agent not accepting in the database (offline or paused)';
   if (Number(a.total_load) >= capacity) {
-    return Number(a.external_load) > 0
-      ? 'agent full in the database by external_load (a roster pull counted a room of ours as by hand)'
-      : 'agent full in the database by our_load';
+    if (Number(a.external_load) > 0) {
+      return 'agent full in the database by external_load (a roster pull counted a room of ours as by hand)';
+    }
+    const open = (a.open_sessions ?? []) as Array<{ state: string; reserved_ago_s: number }>;
+    if (open.some((x) => x.state === 'reserved')) {
+      return 'agent full in the database by our_load: a reservation of ours whose call had not reached Qiscus';
+    }
+    return 'agent full in the database by our_load';
   }
   return 'due, agent free in the database: nobody reserved it (a wake-up missed?)';
 }
