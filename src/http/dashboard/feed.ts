@@ -138,11 +138,14 @@ export class Feed {
   private timer: NodeJS.Timeout | undefined;
   private last: Frame | undefined;
   private taking: Promise<Frame> | undefined;
+  /** Whether the last read failed: a database that stays away is logged once, not every second. */
+  private failing = false;
 
   constructor(
     private readonly take: () => Promise<Snapshot>,
     private readonly render: (f: Omit<Frame, 'html'>) => string,
     private readonly intervalMs = 1000,
+    /** Told when reads start failing (once until one succeeds again). */
     private readonly onError?: (err: unknown) => void,
   ) {}
 
@@ -181,16 +184,16 @@ export class Feed {
     this.listeners.clear();
   }
 
-  get listening(): number {
-    return this.listeners.size;
-  }
-
   private refresh(): Promise<Frame> {
     return (this.taking ??= this.take()
       .then(
-        (snapshot) => ({ snapshot, takenAt: Date.now() }),
+        (snapshot) => {
+          this.failing = false;
+          return { snapshot, takenAt: Date.now() };
+        },
         (err: unknown) => {
-          this.onError?.(err);
+          if (!this.failing) this.onError?.(err);
+          this.failing = true;
           return { error: 'the database does not answer; retrying every second', takenAt: Date.now() };
         },
       )

@@ -99,9 +99,8 @@ export function dashboardRoutes(pool: pg.Pool, logger: Logger, opts: DashboardOp
     const client = clientAddress(c);
     const wait = limiter.retryAfter(client);
     if (wait) return c.html(renderLogin(`Too many wrong tokens; try again in ${wait} s.`), 429, { 'Retry-After': String(wait) });
-    const form = await c.req.parseBody().catch(() => ({}) as Record<string, unknown>);
-    const token = typeof form.token === 'string' ? form.token : undefined;
-    if (!auth.tokenMatches(token)) {
+    const { token } = await readForm(c);
+    if (!auth.tokenMatches(typeof token === 'string' ? token : undefined)) {
       limiter.fail(client);
       logger.warn({ client }, 'dashboard: wrong token at the login form');
       return c.html(renderLogin('That is not the dashboard token.'), 401);
