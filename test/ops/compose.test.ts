@@ -35,6 +35,7 @@ const SPEC_ENV = [
   'WEBHOOK_SECRET',
   'AGENT_SYNC_SECONDS',
   'LOG_LEVEL',
+  'DASHBOARD_TOKEN',
 ];
 const APP_SERVICES = ['migrate', 'web', 'listener'] as const;
 const REQUIRED = { QISCUS_APP_ID: 'app-123', QISCUS_SECRET_KEY: 'secret-456' };
