@@ -365,6 +365,45 @@ describe('BUG found by the liveness soak (fails until fixed)', () => {
     expect(await totalLoadOf(p, 1)).toBe(0);
     expect((await reserve(p))?.room_id).toBe('y');
   });
+
+  // Invariant 1. Chaos run at commit 928c19d (seed 3023511151, one minute), agent 1 (capacity 2):
+  //   25.1-26.3  c00043 reserved for agent 1, Qiscus assigns it (service 115830045) and answers 200, but the
+  //              listener dies before reporting (PostgreSQL restart); 26.4 agent 1 resolves c00043 in Qiscus, its
+  //              webhook gets 503s
+  //   31.1       rescued, the retry reserved for agent 1 (uncertain); its call reaches Qiscus at 32.8 and lands on
+  //              the resolved room: Qiscus opens a new service (115830046, "session 2") with agent 1 in it
+  //   33.2       the resolution is stored while the retry is in flight: the slot is kept (the fix of aa8aafc)
+  //   33.5       the retry reports 200 with the new service: settle_resolved_in_flight counts c00043 on agent 1 as a
+  //              room held without us (our_load − 1, external_load + 1, external_hold_until = now, late_service_id)
+  //   39.7-41.2  a pull (started after the hold) reads Qiscus: agent 1 holds 1 room (c00043); after it the database
+  //              reads qiscus_load 1, external_load 0, external_seen 0, our_load 2 (42.7: c00112, c00008). How it
+  //              got there, reproduced below: a room of ours on agent 1 resolved while the pull ran is subtracted
+  //              from Qiscus's count ("Qiscus resolves before it tells us"), so by_hand = 0; the two-pull rule
+  //              keeps least(external_load 1, external_seen 0) = 0, since the settle raised external_load but not
+  //              external_seen: the count drops to 0
+  //   40.8-42.5  agent 1 (0 of 2 by our count) gets c00112 and c00008 → Qiscus shows agent 1 holding 3 rooms.
+  // Expected: a pull cannot lower a count a late landing added below what Qiscus shows (the room is still on the
+  // agent: Qiscus counts it, and nothing of ours accounts for it), whatever else it subtracts.
+  it('SQL: a room counted after a late landing is not dropped by the next pull that also sees a room of ours resolved', async () => {
+    db = await createTestDatabase();
+    const p = db.pool;
+    await addAgents(p, [1]); // capacity 2
+    await queue(p, 'x');
+    const rx = (await reserve(p))!;
+    await p.query(`select allocator.confirm($1, $2)`, [rx.attempt_id, 115830001]); // x: ours, on agent 1
+    await queue(p, 'y');
+    const ry = (await reserve(p))!;
+    expect([ry.room_id, ry.agent_id]).toEqual(['y', '1']);
+    // an admin resolves y while its call is in flight; the call lands afterwards, on a new service
+    await p.query(`select * from allocator.accept_close_request($1::jsonb, 'test')`, [resolvedBy('y', 115830002, 900001)]);
+    await p.query(`select allocator.confirm($1, $2)`, [ry.attempt_id, 115830003]);
+    expect(await totalLoadOf(p, 1)).toBe(2); // x ours, y held in Qiscus without us
+    // a pull: agent 1 resolves x in Qiscus just before the pull reads (Qiscus counts y only), and x's webhook is
+    // stored while the pull runs
+    await pull(p, 1, () => p.query(`select * from allocator.accept_close_request($1::jsonb, 'test')`, [resolvedBy('x', 115830001, 1)]));
+    // Qiscus shows agent 1 holding y: one slot is taken, whatever the pull subtracted
+    expect(await totalLoadOf(p, 1)).toBeGreaterThanOrEqual(1);
+  });
 });
 
 /** Agent 1's roster as Qiscus lists it, holding `rooms` rooms. */
