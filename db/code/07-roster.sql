@@ -23,9 +23,9 @@ $$;
 -- Applies one pull of Qiscus's agent list (the `data.agents` objects of every page, as one jsonb array).
 -- `started_at` is when the pull began: our assignments confirmed before it are surely in Qiscus's counts, so
 --   external_load = current_customer_count - our rooms that Qiscus already counted
--- is the number of rooms assigned by hand. Rooms we assigned during the pull are not subtracted (they may be
--- counted twice until the next sync: too careful, never too loose); rooms we saw resolved during the pull are
--- subtracted (Qiscus resolves before it tells us). See external_after_pull for how the count may fall.
+-- is the number of rooms assigned by hand. Rooms Qiscus may or may not count (see `ours` below) are not
+-- subtracted: counted twice until the next pull, too careful, never too loose. See external_after_pull for how
+-- the count may fall.
 -- With `complete` (every page was read) agents missing from the list are marked as no longer present.
 create function allocator.sync_agents(roster jsonb, started_at timestamptz, complete boolean default true)
 returns integer
@@ -47,15 +47,17 @@ begin
     where allocator.json_bigint(a -> 'id') is not null
   ),
   -- Our rooms of each agent, as the pull may have seen them:
-  --   counted    confirmed before the pull started and open then: surely in Qiscus's count
+  --   counted    confirmed before the pull started and still open: in Qiscus's count (unless Qiscus resolved it
+  --              and its webhook has not reached us yet: the two-pull rule of external_after_pull is for that)
   --   uncertain  in Qiscus's count or not, we cannot tell: a call in flight when the pull started (still
-  --              reserved, confirmed since, or resolved since with its call out), or a room waiting for its retry
-  --              after an ambiguous failure (holds_slot: the first call may have landed)
+  --              reserved, confirmed since, or resolved since with its call out), a room resolved while the pull
+  --              ran (Qiscus resolved it before or after it read the count), or a room waiting for its retry after
+  --              an ambiguous failure (holds_slot: the first call may have landed)
   ours as (
     select s.agent_id,
-           count(*) filter (where s.state in ('assigned', 'resolved') and s.assigned_at < started_at)::integer
-             as counted,
+           count(*) filter (where s.state = 'assigned' and s.assigned_at < started_at)::integer as counted,
            count(*) filter (where (s.state = 'waiting' and s.holds_slot)
+                               or (s.state = 'resolved' and s.resolved_at >= started_at and s.assigned_at < started_at)
                                or (s.reserved_at < started_at
                                    and (s.state = 'reserved'
                                         or (s.state = 'resolved' and s.attempt_id is not null)
