@@ -1131,6 +1131,16 @@ export async function runChaos(opts: ChaosOptions = {}): Promise<ChaosReport> {
       }
     }
     const twice = [...perSession].filter(([, e]) => e.fresh > 1 || e.agents.size > 1);
+    // Every session the database recorded as assigned must have had a call for its room and agent that Qiscus
+    // performed (a 200, or assigned-then-500), or at least answered 200 as a repeat.
+    const performedPairs = new Set(
+      sim.assignments.filter((a) => (a.status === 200 && !a.fault) || a.fault === 'acceptThenFail').map((a) => `${a.room_id}|${a.agent_id}`),
+    );
+    const assignedRows = await pool.query<{ room_id: string; agent_id: string; id: string }>(
+      `select room_id, agent_id::text, id::text from allocator.sessions where assigned_at is not null`,
+    );
+    const assignedWithoutCall = assignedRows.rows.filter((x) => !performedPairs.has(`${x.room_id}|${x.agent_id}`));
+    for (const x of assignedWithoutCall) implicate(x.room_id, 'assigned in the database without a call Qiscus performed');
     const violations = liveness.realViolations();
     for (const room of overCapacity) implicate(room, 'on an agent over capacity');
     for (const [k] of twice) implicate(k.slice(0, k.lastIndexOf('#')), 'assigned twice in one session');
@@ -1302,6 +1312,12 @@ export async function runChaos(opts: ChaosOptions = {}): Promise<ChaosReport> {
         ok: secondAgentCalls === 0,
         value: String(secondAgentCalls),
         detail: sample(secondAgentExamples),
+      },
+      {
+        name: 'sessions assigned in the database without a call Qiscus performed',
+        ok: assignedWithoutCall.length === 0,
+        value: String(assignedWithoutCall.length),
+        detail: sample(assignedWithoutCall.map((x) => `room ${x.room_id} session ${x.id} → agent ${x.agent_id}`)),
       },
       {
         name: 'Qiscus and the database disagree on an open room',

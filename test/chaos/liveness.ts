@@ -659,7 +659,10 @@ export class LivenessWatch {
         const failed = s.rows[0]?.state === 'failed' || s.rows[0]?.state === 'cancelled';
         if (failed) this.figures.gaveUp.push(r.id);
         v.cause = causeOf(s.rows[0], ag.rows[0], this.o.settings.capacity, Boolean(h.rows[0]?.down));
-        v.db = `session ${JSON.stringify(s.rows[0] ?? null)}; agent ${JSON.stringify(ag.rows[0] ?? null)}; qiscus down: ${String(h.rows[0]?.down)}`;
+        const lag = Date.now() - now;
+        v.db =
+          (lag > 500 ? `(read ${(lag / 1000).toFixed(1)} s after the violation: the room may have moved on) ` : '') +
+          `session ${JSON.stringify(s.rows[0] ?? null)}; agent ${JSON.stringify(ag.rows[0] ?? null)}; qiscus down: ${String(h.rows[0]?.down)}`;
       } catch (e) {
         v.db = `(database unreachable: ${e instanceof Error ? e.message : String(e)})`;
       }

@@ -404,6 +404,29 @@ describe('BUG found by the liveness soak (fails until fixed)', () => {
     // Qiscus shows agent 1 holding y: one slot is taken, whatever the pull subtracted
     expect(await totalLoadOf(p, 1)).toBeGreaterThanOrEqual(1);
   });
+
+  // Invariant 7 ("free by our own count, corrected by Qiscus's count at the latest roster pull"). Chaos run at
+  // 928c19d (seed 3785175120, one minute, drain phase), agent 1: our_load 1, external_load 1, external_seen 0,
+  // qiscus_load 0 at the latest pull (2.6 s before; the pull before it was 27 s earlier): 164 violations, rooms
+  // c00041, c00052, ... waiting with agent 1 free in Qiscus. A count the previous pull found (external_seen 1)
+  // falls only when two pulls in a row agree (external_after_pull: least(external_load, external_seen)), so the
+  // pull that shows the agent holding nothing leaves it counted full until the next one, 30 s later per listener
+  // at the shipped AGENT_SYNC_SECONDS. The two-pull rule guards against one undercount only: a room of ours that
+  // Qiscus resolved just before the pull, whose resolution the database stores while the pull runs (it is then
+  // subtracted from Qiscus's count although Qiscus no longer counts it). When no room of ours on the agent was
+  // resolved while the pull ran, that pull cannot undercount, and its count is the evidence.
+  it('SQL: a pull that shows a room held without us gone frees the slot at once when it cannot undercount', async () => {
+    db = await createTestDatabase();
+    const p = db.pool;
+    await setting(p, 'default_max_load', 1);
+    await addAgents(p, [1]);
+    await pull(p, 1); // a supervisor gave agent 1 a room by hand: counted
+    expect(await totalLoadOf(p, 1)).toBe(1);
+    await pull(p, 0); // it is gone, and nothing of ours on agent 1 was resolved while this pull ran
+    expect(await totalLoadOf(p, 1)).toBe(0);
+    await queue(p, 'y');
+    expect((await reserve(p))?.room_id).toBe('y');
+  });
 });
 
 /** Agent 1's roster as Qiscus lists it, holding `rooms` rooms. */
