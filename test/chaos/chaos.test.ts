@@ -41,5 +41,5 @@ it(
       `seed ${report.seed}; timelines:\n${report.forensics.join('\n')}`,
     ).toEqual([]);
   },
-  (seconds + 90) * 1000,
+  (seconds + 150) * 1000,
 );

@@ -164,6 +164,8 @@ export interface ChaosReport {
 /** One web or listener slot: a process that may be killed and started again (same port for web). */
 /** A web or listener process must serve within this long of its start (PostgreSQL may be down up to 5 s of it). */
 const START_TIMEOUT_MS = 30_000;
+/** The first start of all five at once, before any traffic (tsx compiles each; a loaded machine is slow at it). */
+const FIRST_START_TIMEOUT_MS = 120_000;
 
 class Slot {
   proc: Proc | undefined;
@@ -190,12 +192,12 @@ class Slot {
   }
 
   /** Starts the process and waits until it serves (web: /healthz; listener: its "listener started" line). */
-  start(): Promise<void> {
-    this.starting ??= this.doStart().finally(() => (this.starting = undefined));
+  start(timeoutMs = START_TIMEOUT_MS): Promise<void> {
+    this.starting ??= this.doStart(timeoutMs).finally(() => (this.starting = undefined));
     return this.starting;
   }
 
-  private async doStart(): Promise<void> {
+  private async doStart(timeoutMs: number): Promise<void> {
     if (this.running && this.ready) return;
     if (this.proc && this.running) {
       // started but never ready (see startFailures): replace it
@@ -205,7 +207,7 @@ class Slot {
     if (this.proc) this.harvest(this.proc);
     this.ready = false;
     try {
-      await this.spawnAndWait();
+      await this.spawnAndWait(timeoutMs);
       this.ready = true;
     } catch (e) {
       const p = this.proc;
@@ -216,13 +218,13 @@ class Slot {
     }
   }
 
-  private async spawnAndWait(): Promise<void> {
+  private async spawnAndWait(timeoutMs: number): Promise<void> {
     const script = this.kind === 'web' ? 'src/http/main.ts' : 'src/listener/main.ts';
     const p = spawnProc(this.name, script, this.env);
     this.proc = p;
     this.starts++;
     if (this.kind === 'web') {
-      const end = Date.now() + START_TIMEOUT_MS;
+      const end = Date.now() + timeoutMs;
       for (;;) {
         if (p.child.exitCode !== null || p.child.signalCode !== null) throw new Error(`${this.name} exited at start`);
         try {
@@ -231,12 +233,12 @@ class Slot {
         } catch {
           // not listening yet
         }
-        if (Date.now() > end) throw new Error(`${this.name} did not answer /healthz within ${START_TIMEOUT_MS / 1000} s`);
+        if (Date.now() > end) throw new Error(`${this.name} did not answer /healthz within ${timeoutMs / 1000} s`);
         await sleep(100);
       }
     } else {
       // Waits while PostgreSQL is down (at most 5 s here): the listener must keep trying and then start.
-      await p.waitFor(/listener started/, START_TIMEOUT_MS);
+      await p.waitFor(/listener started/, timeoutMs);
     }
   }
 
@@ -413,7 +415,7 @@ export async function runChaos(opts: ChaosOptions = {}): Promise<ChaosReport> {
       slots.push(new Slot(`web-${i}`, 'web', { ...env, PORT: String(port) }, `http://127.0.0.1:${port}`));
     }
     for (let i = 1; i <= 3; i++) slots.push(new Slot(`listener-${i}`, 'listener', env));
-    await Promise.all(slots.map((s) => s.start()));
+    await Promise.all(slots.map((s) => s.start(FIRST_START_TIMEOUT_MS)));
     const webs = slots.filter((s) => s.kind === 'web');
     say(
       `seed ${seed}; PostgreSQL on ${srv.port}; simulator ${sim.url} (tap ${tap.url}); ${webs.map((w) => w.url).join(', ')}; 3 listeners; ` +

@@ -21,8 +21,8 @@
  * the agent, the counts, and what the database said about both at that moment.
  *
  * The excuses, each a window during which a condition's clock is held at zero (it starts again when the window
- * ends, so the bound then applies in full). Nothing else is excused: not a poll, a lease, a sweep, a roster pull,
- * a hold without a failed call behind it, nor a backoff longer than the settings allow.
+ * ends, so the bound then applies in full). Nothing else is excused: not a poll, a lease, a sweep, a wait for a
+ * roster pull beyond excuse 4, a hold without a failed call behind it, nor a backoff longer than the settings allow.
  *   1. PostgreSQL is down (stopped by the run): every condition, from the stop until it accepts connections again.
  *      Nothing can be reserved or reported meanwhile. The calls in flight or answered during the outage were made
  *      by listeners whose presence died with their connections, so their rooms and agents are excused for 2 s
@@ -51,8 +51,9 @@
  *      the confirm a moment after the answer. On a loaded machine that moment can be longer, so the database's own
  *      claim counts too: an agent whose latest pull recorded a count above its lowest possible one (external_load
  *      above external_seen: rooms of ours in flight when the pull started), provided a call of ours to that agent
- *      was out in the PULL_WINDOW_MS before the pull's request. Either way the excuse ends at the next pull. At the shipped AGENT_SYNC_SECONDS (30) this can keep a free slot idle for up to
- *      a pull period per listener: counted and reported apart ("roster pull ambiguity").
+ *      was out in the PULL_WINDOW_MS before the pull's request. Either way the excuse ends at the next pull. At the
+ *      shipped AGENT_SYNC_SECONDS (30) this can keep a free slot idle for up to a pull period per listener: counted
+ *      and reported apart ("roster pull ambiguity").
  *   5. The machine, not the allocator: the chaos driver itself (which hosts the simulator and the tap) did not run
  *      for longer than STALL_MS between two samples (Qiscus was not answering then, and the watch was not
  *      watching), or the watch's own probe of the database (one plain SELECT of the open sessions, every sample,
