@@ -4,19 +4,21 @@
 --------------------------------------------------------------------------------------------------------------------
 
 -- The count of rooms an agent holds that we did not assign, after a pull that found `by_hand` of them (Qiscus's
--- count less our rooms it surely counted, see sync_agents). external_seen is the previous pull's lowest possible
--- count (less its calls in flight too), so that a room of ours that pull could not place yet is gone from the
--- count at the next pull that started after its call ended.
+-- count less `counted`, our rooms it surely counted: see sync_agents).
 -- - A room whose assign call may have landed (settle_resolved_in_flight) is counted until a pull that started
 --   after the call ended: until then the count may only rise.
--- - Otherwise the count rises at once but falls only as far as two pulls in a row agree. One pull can
---   undercount: a room Qiscus resolved a moment before the pull, whose resolution webhook we have not stored yet,
---   is still ours here and absent there, so a momentary dip must not let the agent be given one room too many.
-create function allocator.external_after_pull(a allocator.agents, by_hand integer, started_at timestamptz)
+-- - The count rises at once. It falls at once too when the pull subtracted no room of ours (counted = 0): then it
+--   cannot undercount. Otherwise it falls only as far as the previous pull's lowest possible count
+--   (external_seen) agrees: a room of ours that Qiscus resolved a moment before the pull, whose webhook we have not
+--   stored yet, is subtracted from a count that no longer has it, and that dip must not let the agent be given
+--   one room too many.
+create function allocator.external_after_pull(a allocator.agents, by_hand integer, counted integer,
+                                              started_at timestamptz)
 returns integer
 language sql stable
 as $$
-  select greatest(by_hand, least(a.external_load, a.external_seen),
+  select greatest(by_hand,
+                  case when counted > 0 then least(a.external_load, a.external_seen) else 0 end,
                   case when a.external_hold_until >= started_at then a.external_load else 0 end)
 $$;
 
@@ -74,29 +76,29 @@ begin
     -- by_hand: Qiscus's count less our rooms it surely counts (too careful: an uncertain room that Qiscus counts is
     -- counted here too, until the next pull). seen: the same less the uncertain ones as well, the count as low as
     -- it can truly be, which is what the next pull compares with (see external_after_pull).
-    select i.*, greatest(i.qiscus_load - coalesce(o.counted, 0), 0) as by_hand,
+    select i.*, coalesce(o.counted, 0) as counted, greatest(i.qiscus_load - coalesce(o.counted, 0), 0) as by_hand,
            greatest(i.qiscus_load - coalesce(o.counted, 0) - coalesce(o.uncertain, 0), 0) as seen
     from incoming i left join ours o on o.agent_id = i.id
   )
   insert into allocator.agents as a (id, name, email, type, is_available, force_offline, present, qiscus_load,
-                                     external_load, external_seen, synced_at)
+                                     external_load, external_seen, pulled_ours, synced_at)
   select p.id, p.name, p.email, p.type, p.is_available, p.force_offline, true, p.qiscus_load, p.by_hand, p.seen,
-         now()
+         p.counted, now()
   from pulled p
   order by p.id  -- agents locked in id order, as report() does: no deadlock between a sync and a batch
   on conflict (id) do update
   set name = excluded.name, email = excluded.email, type = excluded.type, is_available = excluded.is_available,
       force_offline = excluded.force_offline, present = true, qiscus_load = excluded.qiscus_load,
-      external_load = allocator.external_after_pull(a, excluded.external_load, started_at),
-      external_seen = excluded.external_seen,
+      external_load = allocator.external_after_pull(a, excluded.external_load, excluded.pulled_ours, started_at),
+      external_seen = excluded.external_seen, pulled_ours = excluded.pulled_ours,
       synced_at = excluded.synced_at
   -- skip rewriting unchanged rows: no dead tuples and no wake-ups every sync
   where (a.name, a.email, a.type, a.is_available, a.force_offline, a.present, a.qiscus_load, a.external_load,
-         a.external_seen)
+         a.external_seen, a.pulled_ours)
         is distinct from
         (excluded.name, excluded.email, excluded.type, excluded.is_available, excluded.force_offline, true,
-         excluded.qiscus_load, allocator.external_after_pull(a, excluded.external_load, started_at),
-         excluded.external_seen);
+         excluded.qiscus_load, allocator.external_after_pull(a, excluded.external_load, excluded.pulled_ours, started_at),
+         excluded.external_seen, excluded.pulled_ours);
   get diagnostics n = row_count;
 
   if complete then

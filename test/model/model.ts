@@ -461,7 +461,8 @@ export class Model {
         continue;
       }
       // up at once, down only as far as the previous sync agrees (one pull can undercount; see sync_agents)
-      const external = Math.max(ext, Math.min(a.externalLoad, a.externalSeen));
+      // a pull that subtracted none of ours cannot undercount: believed at once
+      const external = Math.max(ext, this.ours(e.id) > 0 ? Math.min(a.externalLoad, a.externalSeen) : 0);
       const same =
         a.type === e.type && a.isAvailable === e.isAvailable && a.forceOffline === e.forceOffline && a.present &&
         a.qiscusLoad === e.count && a.externalLoad === external && a.externalSeen === seen;
