@@ -460,8 +460,7 @@ export class Model {
         changed += 1;
         continue;
       }
-      // up at once, down only as far as the previous sync agrees (one pull can undercount; see sync_agents)
-      // a pull that subtracted none of ours cannot undercount: believed at once
+      // up at once; down at once when none of ours was subtracted, else as far as the previous pull agrees
       const external = Math.max(ext, this.ours(e.id) > 0 ? Math.min(a.externalLoad, a.externalSeen) : 0);
       const same =
         a.type === e.type && a.isAvailable === e.isAvailable && a.forceOffline === e.forceOffline && a.present &&
