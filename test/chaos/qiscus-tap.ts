@@ -82,33 +82,42 @@ export async function startQiscusTap(target: string): Promise<QiscusTap> {
           // not ours to judge: the simulator answers it
         }
       }
-      const out = request(
-        {
-          host: up.hostname,
-          port: up.port,
-          method: req.method,
-          path: req.url,
-          headers: { ...req.headers, host: up.host },
-          agent,
-        },
-        (answer) => {
-          res.writeHead(answer.statusCode ?? 502, answer.headers);
-          answer.pipe(res);
-          answer.on('end', () => finish(call, { status: answer.statusCode ?? 0 }));
-          answer.on('error', () => finish(call, { status: 0, clientGone: true }));
-        },
-      );
-      out.on('error', () => {
-        if (!res.headersSent && !res.destroyed) {
-          finish(call, { status: 0, upstreamError: true });
-          res.writeHead(502, { 'content-type': 'application/json' });
-          res.end(JSON.stringify({ errors: 'tap: simulator unreachable' }));
-        }
-      });
-      out.end(body);
+      let out: ReturnType<typeof request>;
+      let gone = false;
+      const forward = (retry: boolean) => {
+        out = request(
+          {
+            host: up.hostname,
+            port: up.port,
+            method: req.method,
+            path: req.url,
+            headers: { ...req.headers, host: up.host },
+            agent,
+          },
+          (answer) => {
+            res.writeHead(answer.statusCode ?? 502, answer.headers);
+            answer.pipe(res);
+            answer.on('end', () => finish(call, { status: answer.statusCode ?? 0 }));
+            answer.on('error', () => finish(call, { status: 0, clientGone: true }));
+          },
+        );
+        const sent = out;
+        sent.on('error', (e: NodeJS.ErrnoException) => {
+          // A kept-alive socket the simulator had just closed: the request never reached it, send it again once.
+          if (retry && !gone && sent.reusedSocket && e.code === 'ECONNRESET' && !res.destroyed) return forward(false);
+          if (!res.headersSent && !res.destroyed) {
+            finish(call, { status: 0, upstreamError: true });
+            res.writeHead(502, { 'content-type': 'application/json' });
+            res.end(JSON.stringify({ errors: 'tap: simulator unreachable' }));
+          }
+        });
+        sent.end(body);
+      };
+      forward(true);
       // The listener went away (its timeout, or kill -9) before the answer: cut the forwarded call too.
       res.on('close', () => {
         if (!res.writableFinished) {
+          gone = true;
           finish(call, { status: 0, clientGone: true });
           out.destroy();
         }
