@@ -27,7 +27,8 @@ export interface Agent {
   maxLoad: number | null; // null: settings.default_max_load
   load: number; // our rooms: reserved + assigned + waiting rooms holding a slot
   externalLoad: number; // rooms assigned by hand (from the last syncs: up at once, down when two agree)
-  externalSeen: number; // the by-hand count the last sync computed
+  externalSeen: number; // the lowest by-hand count the last sync could be sure of
+  pulledOurs: number; // our rooms the last sync subtracted
   qiscusLoad: number | null;
   lastAssignedAt: number | null; // logical time of the last slot taken
 }
@@ -453,7 +454,7 @@ export class Model {
       if (!a) {
         this.agents.set(e.id, {
           id: e.id, type: e.type, isAvailable: e.isAvailable, forceOffline: e.forceOffline, present: true,
-          paused: false, maxLoad: null, load: 0, externalLoad: ext, externalSeen: seen,
+          paused: false, maxLoad: null, load: 0, externalLoad: ext, externalSeen: seen, pulledOurs: this.ours(e.id),
           qiscusLoad: e.count,
           lastAssignedAt: null,
         });
@@ -464,10 +465,11 @@ export class Model {
       const external = Math.max(ext, this.ours(e.id) > 0 ? Math.min(a.externalLoad, a.externalSeen) : 0);
       const same =
         a.type === e.type && a.isAvailable === e.isAvailable && a.forceOffline === e.forceOffline && a.present &&
-        a.qiscusLoad === e.count && a.externalLoad === external && a.externalSeen === seen;
+        a.qiscusLoad === e.count && a.externalLoad === external && a.externalSeen === seen &&
+        a.pulledOurs === this.ours(e.id);
       if (!same) changed += 1;
       Object.assign(a, { type: e.type, isAvailable: e.isAvailable, forceOffline: e.forceOffline, present: true,
-        qiscusLoad: e.count, externalLoad: external, externalSeen: seen });
+        qiscusLoad: e.count, externalLoad: external, externalSeen: seen, pulledOurs: this.ours(e.id) });
     }
     if (complete) {
       const listed = new Set(roster.map((e) => e.id));
