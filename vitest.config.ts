@@ -6,11 +6,9 @@ export default defineConfig({
     // The real-browser suite needs Chromium installed: `npm run test:browser` (vitest.browser.config.ts).
     exclude: [...configDefaults.exclude, 'test/browser/**'],
     globalSetup: ['test/support/global-setup.ts'],
-    // Test files get their own database (cloned from a migrated template), so they may run in parallel. Most of
-    // their time is spent waiting (on processes, PostgreSQL, timers): two at once on a 2-core machine, where the
-    // default would be one (cores - 1).
+    // Test files get their own database (cloned from a migrated template), so they may run in parallel: one at a
+    // time on a 2-core machine (cores - 1), which keeps the timing bounds of the liveness and chaos tests honest.
     pool: 'forks',
-    maxWorkers: 2,
     testTimeout: 30_000,
     hookTimeout: 60_000,
     teardownTimeout: 30_000,
