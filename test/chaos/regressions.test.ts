@@ -61,7 +61,7 @@ async function retryOfAmbiguousCall(p: pg.Pool, error: string): Promise<Reservat
   return retry;
 }
 
-describe('BUG found by the chaos run (fails until fixed)', () => {
+describe('found by the chaos run (fixed; kept as regression tests)', () => {
   // Invariant 1. Chaos timelines (seeds 4, 11, 12): the first assign call times out (or Qiscus assigns and answers
   // 500), so the room waits holding its agent's slot, as designed; the retry to the same agent gets a 429, and
   // fail_transient(maybe_assigned => false) frees the slot (requeue: hold only when THIS call may have gone
@@ -205,7 +205,7 @@ async function totalLoadOf(pool: pg.Pool, agent: number): Promise<number> {
   return (await pool.query(`select total_load from allocator.agents where id = $1`, [agent])).rows[0].total_load;
 }
 
-describe('BUG found by the liveness soak (fails until fixed)', () => {
+describe('found by the liveness soak (fixed; kept as regression tests)', () => {
   // Invariant 1 (and 9). Chaos seed 2, room c00036, agent 10 (capacity 2):
   //   16.605  x reserved for agent 10 (attempt 39); Qiscus assigns agent 10 and answers 500 (acceptThenFail):
   //           fail_transient(maybe_assigned) → x waits, holding agent 10's slot (sessions.holds_slot)
