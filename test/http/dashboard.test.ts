@@ -249,24 +249,28 @@ describe('pausing an agent', () => {
 describe('the live feed', () => {
   it('fifty pages listening cost one snapshot a second; nobody listening costs none', async () => {
     const before = snapshots;
+    const t0 = Date.now();
     const clients = Array.from({ length: 50 }, () => listen(`${app.url}/dashboard/events`, bearer));
     await eventually('every client has its first frame', () => clients.every((c) => c.frames.length >= 1), 10_000);
-    const start = snapshots;
-    const t0 = Date.now();
-    await sleep(3200);
-    const taken = snapshots - start;
+    await sleep(3000);
+    const taken = snapshots - before;
     const seconds = (Date.now() - t0) / 1000;
     for (const c of clients) c.close();
     await Promise.all(clients.map((c) => c.done));
-    // One a second, give or take the tick that straddles the measurement's edges.
-    expect(taken).toBeGreaterThanOrEqual(Math.floor(seconds) - 1);
+    // At most one a second (plus the first, on the first connection), not one per page; a loaded machine may delay
+    // a tick, never add one.
+    expect(taken).toBeGreaterThanOrEqual(2);
     expect(taken).toBeLessThanOrEqual(Math.ceil(seconds) + 1);
-    expect(start - before).toBeLessThanOrEqual(2); // connecting fifty took one (or two) snapshots, not fifty
-    for (const c of clients) expect(c.frames.length).toBeGreaterThanOrEqual(3);
-    // Every page got the same frames.
-    expect(new Set(clients.map((c) => c.frames.at(-2))).size).toBe(1);
+    // Every frame a page got is one of those snapshots, rendered once: 50 pages, no more distinct frames than reads.
+    for (const c of clients) expect(c.frames.length).toBeGreaterThanOrEqual(2);
+    expect(new Set(clients.flatMap((c) => c.frames)).size).toBeLessThanOrEqual(taken);
 
-    await sleep(300); // the last stream's end reaches the server
+    // Once the server has seen the pages go, no more snapshots.
+    await eventually('the ticks stopped', async () => {
+      const n = snapshots;
+      await sleep(1500);
+      return snapshots === n;
+    }, 15_000, 0);
     const idle = snapshots;
     await sleep(2500);
     expect(snapshots).toBe(idle);
