@@ -79,26 +79,34 @@ begin
     select i.*, coalesce(o.counted, 0) as counted, greatest(i.qiscus_load - coalesce(o.counted, 0), 0) as by_hand,
            greatest(i.qiscus_load - coalesce(o.counted, 0) - coalesce(o.uncertain, 0), 0) as seen
     from incoming i left join ours o on o.agent_id = i.id
+  ),
+  -- Only new agents and changed rows go to the upsert: ON CONFLICT DO UPDATE locks every conflicting row even when
+  -- its WHERE then skips the update, and a sync holding every agent's row locked would make reserve() pass over
+  -- them (SKIP LOCKED) for as long as the sync runs. A row changed meanwhile by another sync is still updated from
+  -- its latest version below; one the filter left out keeps the other sync's newer values.
+  changed as (
+    select p.*
+    from pulled p
+    left join allocator.agents a on a.id = p.id
+    where a.id is null
+       or (a.name, a.email, a.type, a.is_available, a.force_offline, a.present, a.qiscus_load, a.external_load,
+           a.external_seen, a.pulled_ours)
+          is distinct from
+          (p.name, p.email, p.type, p.is_available, p.force_offline, true, p.qiscus_load,
+           allocator.external_after_pull(a, p.by_hand, p.counted, started_at), p.seen, p.counted)
   )
   insert into allocator.agents as a (id, name, email, type, is_available, force_offline, present, qiscus_load,
                                      external_load, external_seen, pulled_ours, synced_at)
-  select p.id, p.name, p.email, p.type, p.is_available, p.force_offline, true, p.qiscus_load, p.by_hand, p.seen,
-         p.counted, now()
-  from pulled p
-  order by p.id  -- agents locked in id order, as report() does: no deadlock between a sync and a batch
+  select c.id, c.name, c.email, c.type, c.is_available, c.force_offline, true, c.qiscus_load, c.by_hand, c.seen,
+         c.counted, now()
+  from changed c
+  order by c.id  -- agents locked in id order, as report() does: no deadlock between a sync and a batch
   on conflict (id) do update
   set name = excluded.name, email = excluded.email, type = excluded.type, is_available = excluded.is_available,
       force_offline = excluded.force_offline, present = true, qiscus_load = excluded.qiscus_load,
       external_load = allocator.external_after_pull(a, excluded.external_load, excluded.pulled_ours, started_at),
       external_seen = excluded.external_seen, pulled_ours = excluded.pulled_ours,
-      synced_at = excluded.synced_at
-  -- skip rewriting unchanged rows: no dead tuples and no wake-ups every sync
-  where (a.name, a.email, a.type, a.is_available, a.force_offline, a.present, a.qiscus_load, a.external_load,
-         a.external_seen, a.pulled_ours)
-        is distinct from
-        (excluded.name, excluded.email, excluded.type, excluded.is_available, excluded.force_offline, true,
-         excluded.qiscus_load, allocator.external_after_pull(a, excluded.external_load, excluded.pulled_ours, started_at),
-         excluded.external_seen, excluded.pulled_ours);
+      synced_at = excluded.synced_at;
   get diagnostics n = row_count;
 
   if complete then

@@ -55,9 +55,20 @@ describe('routing by division, end to end', () => {
       { room_id: 'wa-2', division_ids: [String(SUPPORT)] },
       { room_id: 'wa-3', division_ids: [String(SUPPORT)] },
     ]);
-    // Agent 1 joins Customer support in Qiscus: at the next pull, it takes the waiting WhatsApp rooms (one slot left)
+    // The web rooms are resolved: Sales has four free slots and the WhatsApp rooms still wait for Support. (Which
+    // Sales agent took which web room depends on which agent row each listener found unlocked: not asserted.)
+    for (const r of ['web-0', 'web-1']) expect((await sim.resolve(r)).status).toBe(200);
+    await eventually('sales agents free', async () => {
+      const r = await db!.pool.query(`select sum(load)::int as n from allocator.agent_load where id in (1, 2)`);
+      return r.rows[0].n === 0;
+    });
+    expect(sim.roomsOf(1).concat(sim.roomsOf(2))).toEqual([]);
+    // Agent 1 joins Customer support in Qiscus: at the next pull (2 s here) it takes both waiting WhatsApp rooms;
+    // agent 2, still in Sales only, takes none
     sim.setAgentDivisions(1, [SALES, SUPPORT]);
-    await eventually('agent 1 serves support', () => sim.roomsOf(1).some((r) => r.startsWith('wa-')), 8_000);
+    await eventually('agent 1 serves support', () => sim.roomsOf(1).length === 2, 2_000 + 2_000 + 1_000);
+    expect(sim.roomsOf(1).sort()).toEqual(['wa-2', 'wa-3']);
+    expect(sim.roomsOf(2)).toEqual([]);
     expect(sim.maxLoadSeenAll()).toBeLessThanOrEqual(2);
     for (const r of ['wa-0', 'wa-1', 'wa-2', 'wa-3', 'web-0', 'web-1']) expect(sim.assignCount(r)).toBeLessThanOrEqual(1);
     expect(await invariants(db.pool)).toEqual([]);

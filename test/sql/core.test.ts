@@ -570,6 +570,26 @@ describe('roster sync', () => {
     expect(a.rows[0]).toEqual({ our_load: 1, external_load: 2, qiscus_load: 3 });
     expect((await db.pool.query(`select load from allocator.agent_load`)).rows[0].load).toBe(3);
   });
+
+  it('locks only the agents whose row it changes: a reservation during a sync is not made to pass over the rest', async () => {
+    await db.pool.query(`select allocator.sync_agents($1, now())`, [roster([agent(1), agent(2)])]);
+    await queue(db.pool, 'a');
+    const sync = await db.pool.connect();
+    try {
+      await sync.query('begin');
+      await sync.query(`select allocator.sync_agents($1, now())`, [roster([agent(1), agent(2, 1)])]); // agent 2 changed
+      // in the open sync, agent 1 (unchanged) stays free for a reservation; agent 2 is locked by it
+      const r = await reserve(db.pool);
+      expect(r).toMatchObject({ room_id: 'a', agent_id: '1' });
+      const locked = await db.pool.query(`select id from allocator.agents for no key update skip locked`);
+      expect(locked.rows.map((x) => x.id)).toEqual(['1']);
+      await sync.query('commit');
+      await confirm(db.pool, r!.attempt_id);
+    } finally {
+      sync.release();
+    }
+    expect(await loads(db.pool)).toEqual({ 1: 1, 2: 1 });
+  });
 });
 
 async function waitFor(cond: () => boolean, ms = 2000): Promise<void> {
