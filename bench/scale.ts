@@ -16,6 +16,7 @@
 import { writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import pg from 'pg';
+import { sessionAutoExplain } from './lib/pgss.ts';
 import { isMain, partTimer, resultFile, resultsDir, standalone, type BenchContext, type PartResult, type Row } from './lib/results.ts';
 import { envInt, ratio, roundSummary, summarize, type Summary } from './lib/stats.ts';
 
@@ -109,18 +110,7 @@ async function explain(url: string, nested: boolean): Promise<{ ms: number | nul
     let autoExplain = false;
     if (nested) {
       try {
-        await c.query(`load 'auto_explain'`);
-        for (const s of [
-          'auto_explain.log_min_duration = 0',
-          'auto_explain.log_analyze = on',
-          'auto_explain.log_buffers = on',
-          'auto_explain.log_timing = on',
-          'auto_explain.log_nested_statements = on',
-          'auto_explain.log_level = notice',
-          'client_min_messages = notice',
-        ]) {
-          await c.query(`set ${s}`);
-        }
+        await sessionAutoExplain(c, { active: true, timing: true });
         autoExplain = true;
         c.on('notice', (m) => {
           const text = String(m.message ?? '');

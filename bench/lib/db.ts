@@ -4,7 +4,7 @@
  * measurement gets a fresh clone of it (a file copy), so no phase sees another's rows.
  */
 import { randomBytes } from 'node:crypto';
-import { readFileSync } from 'node:fs';
+import { appendFileSync, readFileSync } from 'node:fs';
 import { rm } from 'node:fs/promises';
 import path from 'node:path';
 import pg from 'pg';
@@ -29,12 +29,35 @@ export function sqlPatches(): string[] {
     .map((f) => path.resolve(f));
 }
 
+/**
+ * BENCH_PGSS=1: load pg_stat_statements (track = all) into the embedded server, for profiling: parts that support it
+ * write the statements that cost most in each run to bench/results/profiles/. It costs a little on every statement,
+ * so figures measured with it are not comparable with those without.
+ */
+export function pgssWanted(): boolean {
+  return !!process.env.BENCH_PGSS && !process.env.DATABASE_URL;
+}
+
+/**
+ * BENCH_AUTO_EXPLAIN=<rate> (e.g. 0.02): auto_explain logs the plan (ANALYZE, BUFFERS, no timing) of that share of
+ * all statements, nested ones included, of every session, to the embedded server's log; parts that support it sum
+ * them by statement into bench/results/profiles/. Embedded server only.
+ */
+export function autoExplainRate(): number | null {
+  const raw = process.env.BENCH_AUTO_EXPLAIN;
+  if (!raw || process.env.DATABASE_URL) return null;
+  const r = Number(raw);
+  return Number.isFinite(r) && r > 0 && r <= 1 ? r : null;
+}
+
 export interface BenchServer {
   /** 'embedded' or 'DATABASE_URL'. */
   kind: 'embedded' | 'DATABASE_URL';
   adminUrl: string;
   /** The postmaster's pid when the server runs on this machine and we know it (embedded), for CPU accounting. */
   postmasterPid: number | null;
+  /** The server's log file when BENCH_AUTO_EXPLAIN made it keep one. */
+  logFile: string | null;
   /** A fresh database cloned from the migrated template. */
   createDatabase(label: string): Promise<BenchDatabase>;
   stop(): Promise<void>;
@@ -60,6 +83,7 @@ export async function startBenchServer(log: (m: string) => void = () => {}): Pro
   let adminUrl: string;
   let embedded: EmbeddedServer | null = null;
   let kind: BenchServer['kind'];
+  let serverLog: string | null = null;
   const given = process.env.DATABASE_URL?.trim();
   if (given) {
     adminUrl = given;
@@ -67,16 +91,54 @@ export async function startBenchServer(log: (m: string) => void = () => {}): Pro
     log('PostgreSQL from DATABASE_URL');
   } else {
     const dataDir = await tempDataDir('allocator-bench-');
-    embedded = await startEmbeddedPostgres({ dataDir, persistent: false });
+    // With BENCH_PGSS or BENCH_AUTO_EXPLAIN the server is restarted once to load the modules, so it must keep its
+    // data on stop (the temporary folder is removed at the end either way).
+    const restart = pgssWanted() || autoExplainRate() !== null;
+    // The server's own output (where auto_explain writes) is kept in a file beside the data directory.
+    const logPath = path.join(path.dirname(dataDir), 'server.log');
+    embedded = await startEmbeddedPostgres({
+      dataDir,
+      persistent: restart,
+      onLog: autoExplainRate() !== null ? (chunk) => appendFileSync(logPath, chunk) : undefined,
+    });
+    serverLog = autoExplainRate() !== null ? logPath : null;
     adminUrl = embedded.url;
     kind = 'embedded';
     log(`embedded PostgreSQL in ${dataDir}`);
+    if (restart) {
+      const libs = [pgssWanted() ? 'pg_stat_statements' : null, autoExplainRate() !== null ? 'auto_explain' : null].filter(Boolean);
+      await withClient(adminUrl, async (c) => {
+        await c.query(`alter system set shared_preload_libraries = ${libs.map((l) => `'${l}'`).join(', ')}`);
+        if (pgssWanted()) {
+          await c.query(`alter system set pg_stat_statements.track = 'all'`);
+          await c.query(`alter system set track_io_timing = on`);
+        }
+        const rate = autoExplainRate();
+        if (rate !== null) {
+          for (const setting of [
+            `auto_explain.sample_rate = ${rate}`,
+            'auto_explain.log_min_duration = 0',
+            'auto_explain.log_analyze = on',
+            'auto_explain.log_buffers = on',
+            'auto_explain.log_timing = off',
+            'auto_explain.log_nested_statements = on',
+            'log_autovacuum_min_duration = 0',
+          ]) {
+            await c.query(`alter system set ${setting}`);
+          }
+        }
+      });
+      await embedded.stop();
+      await embedded.start();
+      log(`profiling modules loaded: ${libs.join(', ')}`);
+    }
   }
 
   const run = randomBytes(3).toString('hex');
   const template = `allocator_bench_tpl_${run}`;
   await withClient(adminUrl, (c) => c.query(`create database ${template}`));
   await runMigrations(urlWithDb(adminUrl, template));
+  if (pgssWanted()) await withClient(urlWithDb(adminUrl, template), (c) => c.query('create extension if not exists pg_stat_statements'));
   const patches = sqlPatches();
   for (const file of patches) {
     log(`applying ${path.relative(process.cwd(), file)} to the template (BENCH_SQL_PATCH)`);
@@ -104,6 +166,7 @@ export async function startBenchServer(log: (m: string) => void = () => {}): Pro
     kind,
     adminUrl,
     postmasterPid,
+    logFile: serverLog,
     async createDatabase(label: string) {
       const name = `allocator_bench_${run}_${label.replace(/[^a-z0-9_]/gi, '_').toLowerCase()}_${++n}`;
       await withClient(adminUrl, (c) => c.query(`create database ${name} template ${template}`));

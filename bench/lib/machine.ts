@@ -1,4 +1,5 @@
 /** What the numbers were measured on: every result file carries this. */
+import { execFileSync } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -18,7 +19,23 @@ export interface MachineInfo {
   sqlPatches: string[];
   /** BENCH_APP_ROOT when the web and listener were run from a patched copy; null for this repository. */
   appRoot: string | null;
+  /** The commit measured, and the files of db/ and src/ that differed from it (uncommitted work measured too). */
+  git: { commit: string | null; dirty: string[] };
   at: string;
+}
+
+function gitState(): MachineInfo['git'] {
+  const run = (args: string[]) => execFileSync('git', args, { cwd: process.env.BENCH_APP_ROOT ?? process.cwd(), encoding: 'utf8' });
+  try {
+    const commit = run(['rev-parse', '--short', 'HEAD']).trim();
+    const dirty = run(['status', '--porcelain', '--', 'db', 'src'])
+      .split('\n')
+      .filter(Boolean)
+      .map((l) => l.slice(3));
+    return { commit, dirty };
+  } catch {
+    return { commit: null, dirty: [] };
+  }
 }
 
 function cpuModel(): string {
@@ -54,6 +71,7 @@ export async function machineInfo(databaseUrl: string, source: string): Promise<
     loadavgAtStart: os.loadavg().map((x) => Math.round(x * 100) / 100),
     sqlPatches: sqlPatches().map((f) => path.relative(process.cwd(), f)),
     appRoot: process.env.BENCH_APP_ROOT ? path.resolve(process.env.BENCH_APP_ROOT) : null,
+    git: gitState(),
     at: new Date().toISOString(),
   };
 }
@@ -61,5 +79,5 @@ export async function machineInfo(databaseUrl: string, source: string): Promise<
 export function machineLine(m: MachineInfo): string {
   return `${m.cpuModel}, ${m.cores} cores, ${m.ramGiB} GiB RAM, ${m.os}, Node ${m.node}, PostgreSQL ${m.postgres} (${m.postgresSource}), load average at start ${m.loadavgAtStart.join(' ')}${
     m.sqlPatches.length ? `, SQL patches: ${m.sqlPatches.join(', ')}` : ''
-  }${m.appRoot ? `, app from ${m.appRoot}` : ''}`;
+  }${m.appRoot ? `, app from ${m.appRoot}` : ''}${m.git?.commit ? `, commit ${m.git.commit}${m.git.dirty.length ? ` + ${m.git.dirty.length} uncommitted file(s) in db/ src/` : ''}` : ''}`;
 }

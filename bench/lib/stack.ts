@@ -52,7 +52,8 @@ export interface StackEnv {
   nodeArgs?: string[];
 }
 
-function baseEnv(o: StackEnv): Record<string, string> {
+/** The environment every service process gets (as `npm run web` / `npm run listener` would read it). */
+export function baseEnv(o: StackEnv): Record<string, string> {
   return {
     DATABASE_URL: o.databaseUrl,
     QISCUS_BASE_URL: o.sim.url,
@@ -87,6 +88,16 @@ export async function startBareHono(nodeArgs: string[] = []): Promise<{ proc: Se
   const port = await freePort();
   const script = path.join(root, 'bench', 'lib', 'bare-hono.ts');
   const proc = spawnService('bare-hono', script, { PORT: String(port) }, nodeArgs);
+  const url = `http://127.0.0.1:${port}`;
+  await waitForHttp(`${url}/healthz`, proc);
+  return { proc, url };
+}
+
+/** The plain node:http + pg service of the ingest benchmark (bench/lib/plain-service.ts). */
+export async function startPlainService(databaseUrl: string): Promise<{ proc: Service; url: string }> {
+  const port = await freePort();
+  const script = path.join(root, 'bench', 'lib', 'plain-service.ts');
+  const proc = spawnService('plain-service', script, { DATABASE_URL: databaseUrl, PORT: String(port) });
   const url = `http://127.0.0.1:${port}`;
   await waitForHttp(`${url}/healthz`, proc);
   return { proc, url };
