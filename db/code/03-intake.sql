@@ -82,6 +82,7 @@ declare
   last      allocator.sessions;
   landed    boolean;
   in_flight boolean;
+  late_freed boolean := false;
   v_outcome text;
 begin
   if room is null then
@@ -91,17 +92,22 @@ begin
 
   select * into last from allocator.sessions s where s.room_id = room order by s.id desc limit 1 for update;
 
-  if last.id is null then
-    v_outcome := 'unknown_room';
-  elsif service is not null
-        and exists (select from allocator.sessions r where r.room_id = room and r.late_service_id = service) then
+  if service is not null
+     and exists (select from allocator.sessions r where r.room_id = room and r.late_service_id = service) then
     -- The resolution of a service a late assign call opened (see settle_resolved_in_flight): the agent no longer
-    -- holds the room, so the count it added goes at once.
+    -- holds the room, so the count it added goes at once. The resolution then applies like any other: a session
+    -- still open was queued by a message sent while the room had no agent, i.e. before that service was resolved
+    -- (one queued after names it as prior_service_id, below), so the room it waits for is the one just resolved
+    -- in Qiscus, and left waiting it would be given a second agent in a room nobody waits in.
     update allocator.agents a set external_load = greatest(a.external_load - 1, 0)
     from allocator.sessions r
     where r.room_id = room and r.late_service_id = service and a.id = r.agent_id;
     update allocator.sessions r set late_service_id = null where r.room_id = room and r.late_service_id = service;
-    v_outcome := 'resolved';
+    late_freed := true;
+  end if;
+
+  if last.id is null then
+    v_outcome := 'unknown_room';
   elsif service is not null
         and (last.prior_service_id = service
              or exists (select from allocator.sessions r
@@ -135,6 +141,9 @@ begin
     v_outcome := 'resolved';
   else
     v_outcome := 'already_resolved';
+  end if;
+  if late_freed then
+    v_outcome := 'resolved';  -- the late service's count was freed, whether or not a session was closed
   end if;
 
   insert into allocator.webhooks (kind, room_id, request_id, outcome, session_id, payload)

@@ -433,7 +433,7 @@ export class Harness {
     const m = this.model;
     const results = (await this.db.query(`
       select id, room_id, state::text, agent_id, attempt_id, attempts, excluded_agents, holds_slot, last_agent_id,
-             prior_service_id, service_id, next_attempt_at <= now() as due, last_error,
+             prior_service_id, service_id, late_service_id, next_attempt_at <= now() as due, last_error,
              (state = 'reserved' or (state = 'resolved' and attempt_id is not null)) = (lease_expires_at is not null)
                as lease_ok
         from allocator.sessions order by id;
@@ -463,7 +463,7 @@ export class Harness {
         id: Number(s.id), room: s.room_id, state: s.state, agentId: num(s.agent_id), attemptId: num(s.attempt_id),
         attempts: s.attempts, excluded: (s.excluded_agents as string[]).map(Number), holdsSlot: s.holds_slot,
         lastAgentId: num(s.last_agent_id), prior: num(s.prior_service_id), serviceId: num(s.service_id),
-        due: s.state === 'waiting' ? s.due : null,
+        lateServiceId: num(s.late_service_id), due: s.state === 'waiting' ? s.due : null,
         gaveUp: s.state !== 'failed' ? null
           : /^gave up after \d+ attempts/.test(s.last_error) ? 'attempts'
           : /^refused by every agent/.test(s.last_error) ? 'refused' : s.last_error,
@@ -471,7 +471,7 @@ export class Harness {
       m.sessions.map((s) => ({
         id: s.id, room: s.room, state: s.state, agentId: s.agentId, attemptId: s.attemptId, attempts: s.attempts,
         excluded: s.excluded, holdsSlot: s.holdsSlot, lastAgentId: s.lastAgentId, prior: s.priorServiceId,
-        serviceId: s.serviceId, due: s.state === 'waiting' ? m.due(s) : null,
+        serviceId: s.serviceId, lateServiceId: s.lateServiceId, due: s.state === 'waiting' ? m.due(s) : null,
         gaveUp: s.state === 'failed' ? s.gaveUp : null,
       })),
     );

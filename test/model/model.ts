@@ -48,6 +48,7 @@ export interface Session {
   lastAgentId: number | null; // agent of the last failed (non-refused) try: preferred for the retry
   nextAt: number; // logical time from which it may be reserved; Infinity while backing off
   gaveUp: 'attempts' | 'refused' | null; // why it failed: out of attempts, or refused by every agent
+  lateServiceId: number | null; // the service a call that landed after the resolution opened (settleResolvedInFlight)
 }
 
 export interface Attempt {
@@ -221,6 +222,7 @@ export class Model {
       lastAgentId: null,
       nextAt: this.now,
       gaveUp: null,
+      lateServiceId: null,
     };
     this.sessions.push(s);
     return { outcome: 'queued', sessionId: s.id };
@@ -228,16 +230,22 @@ export class Model {
 
   /** accept_close_request(payload with service.room_id, service.id = service). */
   acceptCloseRequest(room: string, service: number | null, by: number | null = null): WebhookResult {
+    // the resolution of a service a late call opened: the count it added on the agent goes (once per agent), and
+    // the webhook is 'resolved' whatever else it does; then it applies like any other resolution
+    const late = this.sessions.filter((s) => s.room === room && service !== null && s.lateServiceId === service);
+    for (const a of new Set(late.map((s) => this.agent(s.agentId)))) a.externalLoad = Math.max(a.externalLoad - 1, 0);
+    for (const s of late) s.lateServiceId = null;
+    const closesNothing = late.length > 0 ? 'resolved' : 'already_resolved';
     const last = this.lastSession(room);
     if (!last) return { outcome: 'unknown_room', sessionId: null };
-    if (!OPEN.has(last.state)) return { outcome: 'already_resolved', sessionId: last.id };
+    if (!OPEN.has(last.state)) return { outcome: closesNothing, sessionId: last.id };
     if (
       this.rules.repeatedResolution === 'spec' &&
       service !== null &&
       (last.priorServiceId === service ||
         this.sessions.some((s) => s.room === room && s.state === 'resolved' && s.serviceId === service))
     ) {
-      return { outcome: 'already_resolved', sessionId: undefined /* not compared */ };
+      return { outcome: closesNothing, sessionId: undefined /* not compared */ };
     }
     // a reserved room keeps its slot and attempt until the call in flight reports back (settleResolvedInFlight),
     // unless its agent resolved it: then our assignment landed before, and the slot is free now
@@ -375,6 +383,7 @@ export class Model {
     if (maybeLanded && (service === null || service !== s.serviceId)) {
       agent.load -= 1;
       agent.externalLoad += 1;
+      if (service !== null) s.lateServiceId = service; // its own resolution frees the count (acceptCloseRequest)
     } else {
       this.releaseSlot(s.agentId);
     }

@@ -95,6 +95,24 @@ describe('SQL bugs found by the model-based test, fixed', () => {
       SPEC_RULES,
     );
   });
+
+  // accept_close_request() took the resolution of a service that a late assign call opened (late_service_id) only
+  // as freeing the count the late landing added on the agent: a session queued meanwhile (the customer wrote
+  // while the room had no agent) stayed waiting, to be given a second agent in a room Qiscus had just resolved.
+  // (The model did not know late_service_id at all.) Expected: the count goes and the waiting session is closed.
+  // Shrunk counterexample of model.test.ts: MODEL_SEED=1601740916 MODEL_RUNS=600 (fails at run 125).
+  it('the resolution of a late-landed service leaves the session queued meanwhile waiting', async () => {
+    await replay([
+      allOnline,
+      { kind: 'newRequest', room: 1, prior: 7 },
+      { kind: 'reserve' },
+      { kind: 'resolveOpen', pick: 0, service: null, byAgent: false }, // by an admin, the call in flight
+      { kind: 'newRequest', room: 1, prior: null }, // the customer writes: session 2 waits
+      { kind: 'confirm', pick: 0, stale: false, service: 9 }, // the call landed after all: agent 1 counted by hand
+      { kind: 'resolveOpen', pick: 0, service: 9, byAgent: false }, // SQL was: agent 1 freed, session 2 left waiting
+      { kind: 'newRequest', room: 1, prior: null },
+    ]);
+  });
 });
 
 describe('agreed behaviour (regression tests)', () => {

@@ -460,6 +460,26 @@ describe('outcomes of a reservation', () => {
     void rb;
   });
 
+  // Found by the model-based test (test/model/regressions.test.ts has it as commands). The customer writes after
+  // an admin resolved the room while its call was in flight (a second session waits); the call then lands, on a
+  // new service, and that service is resolved. That resolution closed nothing: the waiting session would have
+  // been given a second agent in a room Qiscus had just resolved, with nobody waiting in it.
+  it('the resolution of the service a late call opened frees its count and closes the session waiting since', async () => {
+    await addAgents(db.pool, [1, 2], { max_load: 1 });
+    await queue(db.pool, 'r1');
+    const r = (await reserve(db.pool))!;
+    await resolve(db.pool, 'r1', 7); // by an admin, while the call to agent 1 is in flight
+    // the customer writes again: no agent in the room yet
+    expect((await queue(db.pool, 'r1', returningRequest('r1', 7))).outcome).toBe('queued');
+    expect(await confirm(db.pool, r.attempt_id, 9)).toBe(false); // the call landed after all: service 9, agent 1
+    expect(await loads(db.pool)).toEqual({ 1: 1, 2: 0 }); // counted as a room held without us
+    expect((await resolve(db.pool, 'r1', 9)).outcome).toBe('resolved');
+    expect(await loads(db.pool)).toEqual({ 1: 0, 2: 0 });
+    expect(await sessionOf(db.pool, 'r1')).toMatchObject({ state: 'resolved', service_id: '9' });
+    expect(await reserve(db.pool)).toBeUndefined(); // nobody is waiting in r1
+    expect((await resolve(db.pool, 'r1', 9)).outcome).toBe('already_resolved'); // a repeat changes nothing
+  });
+
   it('release hands a reservation back without using up an attempt', async () => {
     await addAgents(db.pool, [1]);
     await queue(db.pool, 'a');
