@@ -14,15 +14,18 @@
 create function allocator.capacity(max_load integer)
 returns integer
 language sql stable
-as $$ select coalesce(max_load, (select allocator.default_max_load())) $$;
+as $$ select coalesce(max_load, allocator.default_max_load()) $$;  -- no sub-select: inlined where it is used
 
 -- The largest capacity any agent has: the default or the biggest per-agent max_load (one probe of agents_max_load).
+-- (PL/pgSQL: it runs on every reservation, and a SQL function with a sub-select is planned anew on every call.)
 create function allocator.max_capacity()
 returns integer
-language sql stable
+language plpgsql stable
 as $$
-  select greatest(allocator.default_max_load(),
-                  coalesce((select max(a.max_load) from allocator.agents a where a.max_load is not null), 0))
+begin
+  return greatest(allocator.default_max_load(),
+                  coalesce((select max(a.max_load) from allocator.agents a where a.max_load is not null), 0));
+end;
 $$;
 
 -- The guard that nothing can bypass: whatever code (or person) raises an agent's load, the row is refused when

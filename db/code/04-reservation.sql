@@ -19,14 +19,18 @@ $$;
 
 -- Rooms whose route's overflow time has passed may go to anyone from now on: they move to the queue for anyone
 -- (division_ids and overflow_at cleared). Rooms being reserved right now are left to the next call.
+-- (PL/pgSQL, not SQL: it runs on every reserve(), and a SQL function called from PL/pgSQL is planned anew on
+-- every call, while PL/pgSQL keeps its plans.)
 create function allocator.overflow_due()
 returns void
-language sql
+language plpgsql
 as $$
+begin
   update allocator.sessions s set division_ids = null, overflow_at = null, updated_at = now()
   where s.id in (select q.id from allocator.sessions q
                  where q.state = 'waiting' and q.overflow_at <= now()
-                 for no key update skip locked)
+                 for no key update skip locked);
+end;
 $$;
 
 -- Records the reservation of locked room `s` for `agent`, whose slot the caller has already taken (or the room

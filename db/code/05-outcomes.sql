@@ -15,16 +15,21 @@ as $$
 declare
   s allocator.sessions;
 begin
+  -- By primary keys only, the session's conditions checked here on the locked row: written as one query with
+  -- `state = 'reserved'` in its WHERE, the planner took the partial index of open sessions whenever its statistics
+  -- were older than a burst of assignments, and walked every open session for each report (bench/drainplans.ts).
   select q.* into s
   from allocator.sessions q
   where q.id = (select a.session_id from allocator.attempts a where a.id = attempt)
-    and q.attempt_id = attempt
-    and q.state = 'reserved'
   for no key update;
-  if s.id is null then
-    perform allocator.settle_resolved_in_flight(attempt, maybe_landed, service);
+  if s.attempt_id is distinct from attempt then
+    return null;  -- rescued or superseded: its outcome is stale
   end if;
-  return s;
+  if s.state = 'resolved' then
+    perform allocator.settle_resolved_in_flight(s, maybe_landed, service);
+    return null;
+  end if;
+  return case when s.state = 'reserved' then s end;
 end;
 $$;
 
@@ -35,20 +40,12 @@ $$;
 --   otherwise (it landed after the resolution, or we cannot know)    the agent may hold the room: it is counted as
 --     a room Qiscus shows the agent holding (external_load) until the first roster pull that started after now,
 --     which sees Qiscus's own count (see external_after_pull)
--- Returns false when `attempt` is not such a reservation.
-create function allocator.settle_resolved_in_flight(attempt bigint, maybe_landed boolean, service bigint default null)
-returns boolean
+-- `s`: the session, locked, resolved while its reservation (s.attempt_id) was out.
+create function allocator.settle_resolved_in_flight(s allocator.sessions, maybe_landed boolean, service bigint default null)
+returns void
 language plpgsql
 as $$
-declare
-  s allocator.sessions;
 begin
-  select * into s from allocator.sessions q
-  where q.attempt_id = attempt and q.state = 'resolved'
-  for no key update;
-  if s.id is null then
-    return false;
-  end if;
   if maybe_landed and (service is null or service is distinct from s.service_id) then
     update allocator.agents
     set our_load = our_load - 1, external_load = external_load + 1,
@@ -60,10 +57,9 @@ begin
     perform allocator.free_slot(s.agent_id);
   end if;
   update allocator.attempts set finished_at = now(), outcome = 'resolved', error = 'resolved while the call was in flight'
-  where id = attempt;
+  where id = s.attempt_id;
   update allocator.sessions set attempt_id = null, lease_expires_at = null, owner = null, updated_at = now()
   where id = s.id;
-  return true;
 end;
 $$;
 
@@ -242,16 +238,17 @@ returns table (attempt_id bigint, result text)
 language plpgsql
 as $$
 declare
-  o jsonb;
+  o        jsonb;
+  reported bigint[] := array(select (x ->> 'attempt')::bigint from jsonb_array_elements(outcomes) x);
 begin
+  -- `= any (array(...))`, not `in (select ...)`: the planner cannot tell how many rows a jsonb array holds and,
+  -- guessing a hundred, read the whole table instead of its primary key.
   perform from allocator.sessions s
-  where s.id in (select a.session_id from allocator.attempts a
-                 where a.id in (select (x ->> 'attempt')::bigint from jsonb_array_elements(outcomes) x))
+  where s.id = any (array(select a.session_id from allocator.attempts a where a.id = any (reported)))
   order by s.id
   for no key update of s;
   perform from allocator.agents g
-  where g.id in (select a.agent_id from allocator.attempts a
-                 where a.id in (select (x ->> 'attempt')::bigint from jsonb_array_elements(outcomes) x))
+  where g.id = any (array(select a.agent_id from allocator.attempts a where a.id = any (reported)))
   order by g.id
   for no key update of g;
 

@@ -22,7 +22,7 @@ language plpgsql
 as $$
 begin
   if s.state = 'resolved' then
-    perform allocator.settle_resolved_in_flight(s.attempt_id, true);
+    perform allocator.settle_resolved_in_flight(s, true);
   else
     -- counts as an attempt: a room that kills listeners ends as failed
     perform allocator.requeue(s, s.attempt_id, how, reason, now(), hold => true);
