@@ -68,9 +68,16 @@ it('survives PostgreSQL stopping and starting mid-flow, with nothing lost', asyn
   expect(during.every((s) => s === 503)).toBe(true); // refused, not lost: Qiscus will send them again
   await sleep(3500); // longer than pg-listen's default give-up time
   await srv.start();
+  const upAt = Date.now();
 
   // the customers write again (Qiscus repeats the allocation webhook on every message)
   for (const r of rooms.slice(20)) await eventually(`webhook for ${r} accepted`, async () => (await send(r)) === 200);
+  // Liveness: the listeners serve again within 2 s of the database's return (they notice it within a second, and
+  // LISTEN reconnects within half a second), not after their reconnect backoff has grown with the outage
+  await eventually('an assign call after the restart', () => sim.assignments.some((a) => a.at >= upAt), 5_000, 20);
+  const firstCall = Math.min(...sim.assignments.filter((a) => a.at >= upAt).map((a) => a.at));
+  console.log(`[postgres-restart] first assign call ${firstCall - upAt} ms after PostgreSQL was back`);
+  expect(firstCall - upAt).toBeLessThanOrEqual(2_000);
   expect(accepted.size).toBe(rooms.length);
 
   const pool = new pg.Pool({ connectionString: srv.url });
