@@ -34,7 +34,8 @@ export interface LoopEvents {
 
 export interface AllocatorLoopOptions extends LoopEvents {
   pool: pg.Pool;
-  /** This listener's id (see presence.ts); reservations made under it are rescued at once if it dies. */
+  /** This listener's id (see presence.ts); reservations made under it are rescued at once if it dies. Nothing
+   * is reserved while it is null. */
   owner: () => number | null;
   qiscus: Assigner;
   logger: Logger;
@@ -95,9 +96,13 @@ export class AllocatorLoop {
   }
 
   private async reserve(batch: number): Promise<Reservation[]> {
+    // Not registered (starting, or PostgreSQL just restarted): reserve nothing. A reservation without an owner
+    // could only be rescued by its lease if this process died now; registering again kicks the loop.
+    const owner = this.o.owner();
+    if (owner === null) return [];
     const res = await this.o.pool.query<Reservation>(
       `select attempt_id, session_id, room_id, agent_id, attempt from allocator.reserve($1, $2)`,
-      [this.o.owner(), batch],
+      [owner, batch],
     );
     const first = res.rows[0];
     if (first && this.kickedAt !== null) {

@@ -45,7 +45,8 @@ export interface Listener {
 
 export async function startListener(o: ListenerOptions): Promise<Listener> {
   const log = o.logger;
-  const presence = new Presence(o.databaseUrl, log);
+  // registered (again): the loop, which reserves nothing without an id, may start
+  const presence = new Presence(o.databaseUrl, log, () => loop.kick());
   const loop = new AllocatorLoop({ ...o, owner: () => presence.id });
   const timers: NodeJS.Timeout[] = [];
   let dueTimer: NodeJS.Timeout | null = null;

@@ -20,9 +20,11 @@ export class Presence {
   constructor(
     private readonly databaseUrl: string,
     private readonly logger: Logger,
+    /** Called each time the listener is registered (again): it may reserve from now on. */
+    private readonly onRegistered: () => void = () => {},
   ) {}
 
-  /** The id to reserve under; null while not connected (reservations then rely on their lease alone). */
+  /** The id to reserve under; null while not registered: the listener then reserves nothing (see AllocatorLoop). */
   get id(): number | null {
     return this.current;
   }
@@ -34,7 +36,8 @@ export class Presence {
   }
 
   private async connect(): Promise<void> {
-    for (let wait = 250; !this.stopped; wait = Math.min(wait * 2, 2000)) {
+    // At most half a second between tries: the listener reserves nothing while it is not registered.
+    for (let wait = 100; !this.stopped; wait = Math.min(wait * 2, 500)) {
       const client = new pg.Client({ connectionString: this.databaseUrl, application_name: 'allocator-listener-presence', keepAlive: true });
       client.on('error', () => this.lost(client));
       client.on('end', () => this.lost(client));
@@ -50,6 +53,7 @@ export class Presence {
         this.client = client;
         this.current = id;
         this.logger.info({ listener: id }, 'listener registered');
+        this.onRegistered();
         return;
       } catch (e) {
         await client.end().catch(() => {});

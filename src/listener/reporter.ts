@@ -61,7 +61,9 @@ export class Reporter {
 
   /** One allocator.report() call, retried while the database is unreachable or a deadlock victim. */
   private async send(reports: OutcomeReport[]): Promise<Map<string, string | null>> {
-    for (let wait = 200; ; wait = Math.min(wait * 2, 5000)) {
+    // At most half a second between tries: the calls waiting here fill the pipeline, and the listener serves
+    // again only when they are reported (a failed connection costs nothing; said once, then every 20th try).
+    for (let wait = 100, tries = 1; ; wait = Math.min(wait * 2, 500), tries++) {
       try {
         const res = await this.pool.query<{ attempt_id: string; result: string | null }>(
           `select attempt_id, result from allocator.report($1::jsonb)`,
@@ -74,7 +76,9 @@ export class Reporter {
         // Shutting down with the database gone (Ctrl-C reaches an embedded PostgreSQL too): leave the
         // reservations to the rescue after the restart; nothing is lost.
         if (this.stopping && !deadlock) throw new Error(`database gone during shutdown; left to the rescue: ${(e as Error).message}`);
-        this.logger.warn({ err: (e as Error).message, outcomes: reports.length }, `could not report; retrying in ${wait} ms`);
+        if (tries === 1 || tries % 20 === 0) {
+          this.logger.warn({ err: (e as Error).message, outcomes: reports.length, tries }, `could not report; retrying every ${wait} ms or less`);
+        }
         await new Promise((r) => setTimeout(r, wait));
       }
     }

@@ -81,6 +81,17 @@ it('survives PostgreSQL stopping and starting mid-flow, with nothing lost', asyn
   expect(accepted.size).toBe(rooms.length);
 
   const pool = new pg.Pool({ connectionString: srv.url });
+  // No reservation without an owner, ever: one made while a listener was registering again after the restart
+  // could only be rescued by its lease (30 s) if that listener died then
+  let ownerless = 0;
+  let sampling = true;
+  const sampler = (async () => {
+    while (sampling) {
+      const r = await pool.query(`select count(*)::int as n from allocator.sessions where lease_expires_at is not null and owner is null`);
+      ownerless += r.rows[0].n;
+      await sleep(20);
+    }
+  })();
   try {
     await eventually(
       'every room assigned and resolved',
@@ -92,6 +103,9 @@ it('survives PostgreSQL stopping and starting mid-flow, with nothing lost', asyn
     );
     resolving = false;
     await resolver;
+    sampling = false;
+    await sampler;
+    expect(ownerless).toBe(0);
     for (const r of rooms) expect(sim.assignCount(r), `room ${r}`).toBe(1);
     expect(sim.maxLoadSeenAll()).toBeLessThanOrEqual(2);
     expect((await pool.query(`select * from allocator.check_invariants()`)).rows).toEqual([]);
@@ -101,6 +115,8 @@ it('survives PostgreSQL stopping and starting mid-flow, with nothing lost', asyn
     // both listeners are still alive and working
     for (const l of stack.listeners) expect(l.child.exitCode).toBeNull();
   } finally {
+    sampling = false;
+    await sampler.catch(() => {});
     await pool.end();
   }
 }, 120_000);
