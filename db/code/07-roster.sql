@@ -51,19 +51,29 @@ begin
   -- Our rooms of each agent, as the pull may have seen them:
   --   counted    confirmed before the pull started and still open: in Qiscus's count (unless Qiscus resolved it
   --              and its webhook has not reached us yet: the two-pull rule of external_after_pull is for that)
-  --   uncertain  in Qiscus's count or not, we cannot tell: a call in flight when the pull started (still
-  --              reserved, confirmed since, or resolved since with its call out), a room resolved while the pull
-  --              ran (Qiscus resolved it before or after it read the count), or a room waiting for its retry after
-  --              an ambiguous failure (holds_slot: the first call may have landed)
+  --   uncertain  in Qiscus's count or not, we cannot tell (Qiscus read the count at some moment between
+  --              started_at and now): a call in flight (reserved), whenever it was made; a room confirmed at or
+  --              after started_at, whenever it was reserved (its call may have landed before or after the read); a
+  --              room resolved at or after started_at that Qiscus may have held until then (it was assigned, or
+  --              resolved while its call was in flight: that attempt ended 'resolved'); a room resolved with its call
+  --              still out; a room waiting for its retry after an ambiguous failure (holds_slot: the first call may
+  --              have landed).
+  --              A call reserved after the pull started is no less uncertain than one in flight when it started:
+  --              left out of both sets, a room that landed before Qiscus read the count was counted twice (ours
+  --              and by hand), and since `seen` kept it too, the two-pull rule kept the phantom through the next
+  --              pull as well: the agent looked full for two sync periods.
   ours as (
     select s.agent_id,
            count(*) filter (where s.state = 'assigned' and s.assigned_at < started_at)::integer as counted,
-           count(*) filter (where (s.state = 'waiting' and s.holds_slot)
-                               or (s.state = 'resolved' and s.resolved_at >= started_at and s.assigned_at < started_at)
-                               or (s.reserved_at < started_at
-                                   and (s.state = 'reserved'
-                                        or (s.state = 'resolved' and s.attempt_id is not null)
-                                        or (s.state in ('assigned', 'resolved') and s.assigned_at >= started_at))))
+           count(*) filter (where s.state = 'reserved'
+                               or (s.state = 'waiting' and s.holds_slot)
+                               or (s.state = 'assigned' and s.assigned_at >= started_at)
+                               or (s.state = 'resolved'
+                                   and (s.attempt_id is not null
+                                        or (s.resolved_at >= started_at
+                                            and (s.assigned_at is not null
+                                                 or exists (select from allocator.attempts t
+                                                            where t.session_id = s.id and t.outcome = 'resolved'))))))
              ::integer as uncertain
     from allocator.sessions s
     where s.agent_id in (select id from incoming)
@@ -76,6 +86,14 @@ begin
     -- by_hand: Qiscus's count less our rooms it surely counts (too careful: an uncertain room that Qiscus counts is
     -- counted here too, until the next pull). seen: the same less the uncertain ones as well, the count as low as
     -- it can truly be, which is what the next pull compares with (see external_after_pull).
+    -- Why a larger `uncertain` is safe: this pull's external_load comes from by_hand, which does not depend on it
+    -- (an upper bound, as before). `seen` only bounds how far the NEXT pull, if it subtracts rooms of ours, may
+    -- lower the count, and the two-pull rule takes it as the lowest count this pull allows: every room in
+    -- `uncertain` is one whose absence from Qiscus's count is possible, so `seen` is still that lowest count (it is
+    -- only now truly the lowest: a call made during the pull and counted by Qiscus used to stay in it). The cost is
+    -- the one the rule already paid for calls in flight at started_at: if such a room was not in the count after
+    -- all, `seen` is below the true by-hand count, and a next pull that also misses a room of ours (resolved in
+    -- Qiscus, webhook not stored yet) may lower external_load one room too far until the pull after it.
     select i.*, coalesce(o.counted, 0) as counted, greatest(i.qiscus_load - coalesce(o.counted, 0), 0) as by_hand,
            greatest(i.qiscus_load - coalesce(o.counted, 0) - coalesce(o.uncertain, 0), 0) as seen
     from incoming i left join ours o on o.agent_id = i.id

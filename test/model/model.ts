@@ -439,7 +439,10 @@ export class Model {
 
   /**
    * The agent's rooms Qiscus may count or not: calls in flight (reserved, or resolved with the call still out) and
-   * rooms waiting for their retry after an ambiguous failure (holding the slot).
+   * rooms waiting for their retry after an ambiguous failure (holding the slot). sync_agents' `uncertain` also has
+   * the rooms confirmed, or resolved after being assigned or while in flight, at or after the pull's started_at
+   * (whenever they were reserved); the harness pulls with started_at = now(), after every earlier command, so
+   * none of those are left and the rule is this one. (An earlier started_at is tested in test/sql/core.test.ts.)
    */
   inFlight(agentId: number): number {
     return this.sessions.filter(
