@@ -136,3 +136,14 @@ begin
   return n;
 end;
 $$;
+
+-- Does a count wait for evidence? An agent's by-hand count above the lowest it can truly be (external_seen) is
+-- held there only because the last pull could not tell (a call of ours in flight while it ran, a resolution
+-- during a call, the two-pull rule). The first pull that starts after those calls ended settles it, so the
+-- listeners pull again soon instead of at the next AGENT_SYNC_SECONDS (invariant 9: evidence, not waiting).
+create function allocator.roster_uncertain()
+returns boolean
+language sql stable
+as $$
+  select exists (select from allocator.agents a where a.present and a.external_load > a.external_seen)
+$$;

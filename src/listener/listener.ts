@@ -90,9 +90,10 @@ export async function startListener(o: ListenerOptions): Promise<Listener> {
   const probe = async () => {
     if (stopped) return;
     try {
-      const r = await o.pool.query<{ rescued: number; down: boolean }>(
+      const r = await o.pool.query<{ rescued: number; down: boolean; uncertain: boolean }>(
         `select allocator.rescue_abandoned() as rescued,
-                (select down_since is not null from allocator.qiscus_health) as down`,
+                (select down_since is not null from allocator.qiscus_health) as down,
+                allocator.roster_uncertain() as uncertain`,
       );
       if (databaseFailing) {
         // PostgreSQL is back (a restart, a failover): serve now, not when LISTEN has reconnected
@@ -100,7 +101,8 @@ export async function startListener(o: ListenerOptions): Promise<Listener> {
         log.info('PostgreSQL reachable again');
         void sweep();
       }
-      const { rescued, down } = r.rows[0]!;
+      const { rescued, down, uncertain } = r.rows[0]!;
+      if (uncertain && evidencePullDue()) void syncNow();
       if (rescued > 0) {
         log.warn({ rescued }, 'rescued the reservations of a listener that died');
         o.onRescued?.(rescued);
@@ -118,8 +120,20 @@ export async function startListener(o: ListenerOptions): Promise<Listener> {
     }
   };
 
+  // A count held for want of evidence (allocator.roster_uncertain) is settled by the next pull: pull again once
+  // the last one is a second old, or twice its duration for a roster of many pages, instead of at the next
+  // scheduled sync.
+  let syncing = false;
+  let lastSyncStart = 0;
+  let lastSyncMs = 0;
+  const evidencePullDue = () =>
+    !syncing && Date.now() - lastSyncStart >= Math.min(o.syncSeconds * 1000, Math.max(1000, 2 * lastSyncMs));
+
   let divisionsFailing = false;
   const syncNow = async (): Promise<SyncResult | undefined> => {
+    if (syncing) return undefined;
+    syncing = true;
+    lastSyncStart = Date.now();
     try {
       const r = await syncRoster(o.pool, o.qiscus);
       o.onSync?.(r);
@@ -135,6 +149,9 @@ export async function startListener(o: ListenerOptions): Promise<Listener> {
       o.onSyncError?.(e);
       log.warn({ err: errText(e) }, 'roster sync failed; keeping the last known roster');
       return undefined;
+    } finally {
+      syncing = false;
+      lastSyncMs = Date.now() - lastSyncStart;
     }
   };
 

@@ -613,6 +613,22 @@ describe('roster sync', () => {
     expect((await db.pool.query(`select load from allocator.agent_load`)).rows[0].load).toBe(3);
   });
 
+  it('says when a count waits for evidence (a call in flight during the pull), until a pull after the call', async () => {
+    const sync = (count: number) => db.pool.query(`select allocator.sync_agents($1, now())`, [roster([agent(1, count)])]);
+    const uncertain = async () => (await db.pool.query(`select allocator.roster_uncertain() as u`)).rows[0].u;
+    await sync(0);
+    expect(await uncertain()).toBe(false);
+    await queue(db.pool, 'a');
+    const r = (await reserve(db.pool))!;
+    await sync(1); // the call is in flight: Qiscus's 1 may be our room or one assigned by hand
+    expect(await uncertain()).toBe(true);
+    await confirm(db.pool, r.attempt_id);
+    await sync(1); // started after the call ended: the 1 is ours
+    expect(await uncertain()).toBe(false);
+    expect((await db.pool.query(`select external_load from allocator.agents`)).rows[0].external_load).toBe(0);
+    await resolve(db.pool, 'a');
+  });
+
   it('locks only the agents whose row it changes: a reservation during a sync is not made to pass over the rest', async () => {
     await db.pool.query(`select allocator.sync_agents($1, now())`, [roster([agent(1), agent(2)])]);
     await queue(db.pool, 'a');

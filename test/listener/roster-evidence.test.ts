@@ -1,0 +1,54 @@
+/**
+ * Invariant 9 at the shipped roster period (AGENT_SYNC_SECONDS 30): a roster pull that runs while an assign call
+ * of ours is in flight cannot tell whether Qiscus's count includes that room, so the room is counted twice (ours
+ * and "by hand") until a pull that started after the call ended. That pull must come within seconds, not at the
+ * next scheduled sync: the agent is free in Qiscus and a room waits for it.
+ */
+import { afterEach, expect, it } from 'vitest';
+import { createTestDatabase, type TestDatabase } from '../support/db.ts';
+import { eventually, startStack, type Stack } from '../support/processes.ts';
+import { invariants } from '../support/sql.ts';
+
+let db: TestDatabase | undefined;
+let stack: Stack | undefined;
+afterEach(async () => {
+  await stack?.stop();
+  await db?.drop();
+  stack = undefined;
+  db = undefined;
+});
+
+it('a count made ambiguous by a call in flight during a pull is settled by the next pull, within seconds', async () => {
+  db = await createTestDatabase();
+  await db.pool.query(`insert into allocator.settings (key, value) values ('default_max_load', '1')
+                       on conflict (key) do update set value = excluded.value`);
+  stack = await startStack({ databaseUrl: db.url, listeners: 1, env: { AGENT_SYNC_SECONDS: '30' }, sim: { agents: [{ id: 1 }] } });
+  const { sim } = stack;
+  const external = async () =>
+    (await db!.pool.query(`select external_load from allocator.agents where id = 1`)).rows[0]?.external_load as number;
+
+  // Qiscus performs the assignment at once but answers 6 s later; meanwhile a second listener starts and pulls
+  sim.setFaults({ answerDelayMs: 6000 });
+  expect((await sim.sendNewRequest('a')).status).toBe(200);
+  await eventually('the call reached Qiscus', () => sim.agentOf('a') === 1);
+  await stack.startListener({ AGENT_SYNC_SECONDS: '30' });
+  await eventually('the pull counted the room in flight as by hand', async () => (await external()) === 1, 5_000);
+  sim.setFaults({ answerDelayMs: 0 });
+  await eventually('room a confirmed', async () => {
+    const r = await db!.pool.query(`select state from allocator.sessions where room_id = 'a'`);
+    return r.rows[0]?.state === 'assigned';
+  }, 10_000);
+
+  // The agent resolves the room: Qiscus shows it free, and room b waits for it
+  expect((await sim.resolve('a')).status).toBe(200);
+  const t0 = Date.now();
+  expect((await sim.sendNewRequest('b')).status).toBe(200);
+  await eventually('room b assigned', () => sim.agentOf('b') === 1, 10_000, 20);
+  const waited = Date.now() - t0;
+  console.log(`[roster-evidence] room b assigned ${waited} ms after it arrived (next scheduled pull: up to 30 s)`);
+  // a pull a second after the last one (the evidence), plus the call: far below the 30 s period
+  expect(waited).toBeLessThanOrEqual(3_000);
+  expect(await external()).toBe(0);
+  expect(sim.maxLoadSeenAll()).toBeLessThanOrEqual(1);
+  expect(await invariants(db.pool)).toEqual([]);
+}, 120_000);
