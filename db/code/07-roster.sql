@@ -137,13 +137,37 @@ begin
 end;
 $$;
 
--- Does a count wait for evidence? An agent's by-hand count above the lowest it can truly be (external_seen) is
--- held there only because the last pull could not tell (a call of ours in flight while it ran, a resolution
--- during a call, the two-pull rule). The first pull that starts after those calls ended settles it, so the
--- listeners pull again soon instead of at the next AGENT_SYNC_SECONDS (invariant 9: evidence, not waiting).
-create function allocator.roster_uncertain()
+-- Would a roster pull now let a waiting room start? True when an agent is full only because of a by-hand count
+-- held for want of evidence (external_load above external_seen, the lowest it can truly be: the last pull ran
+-- during a call of ours, or a resolution came during a call), and one of the first waiting rooms that agent may
+-- serve has no other agent free to take it. The first pull that starts after those calls ended settles the count,
+-- so the listeners pull again at once instead of at the next AGENT_SYNC_SECONDS (invariant 9: evidence, not
+-- waiting). Rooms another free agent will take, and agents nobody waits for, are no reason to pull: a busy roster
+-- of thousands, where every pull runs during some call, would otherwise pull without end.
+-- (PL/pgSQL: it runs every second, and may_serve is defined with routing, later.)
+create function allocator.evidence_pull_due()
 returns boolean
-language sql stable
+language plpgsql stable
 as $$
-  select exists (select from allocator.agents a where a.present and a.external_load > a.external_seen)
+begin
+  return exists (
+    with held as (
+      select a.division_ids
+      from allocator.agents a
+      where a.accepting and a.external_load > a.external_seen
+        and a.total_load >= allocator.capacity(a.max_load)
+        and a.total_load - (a.external_load - a.external_seen) < allocator.capacity(a.max_load)
+    ),
+    heads as (
+      select q.division_ids, q.overflow_at
+      from allocator.sessions q
+      where q.state = 'waiting' and not q.holds_slot and q.next_attempt_at <= now()
+      order by q.priority desc, q.queued_at, q.id
+      limit 20
+    )
+    select from heads q
+    where exists (select from held h where allocator.may_serve(q.division_ids, q.overflow_at, h.division_ids))
+      and not exists (select from allocator.eligible_agents e
+                      where allocator.may_serve(q.division_ids, q.overflow_at, e.division_ids)));
+end;
 $$;

@@ -93,7 +93,7 @@ export async function startListener(o: ListenerOptions): Promise<Listener> {
       const r = await o.pool.query<{ rescued: number; down: boolean; uncertain: boolean }>(
         `select allocator.rescue_abandoned() as rescued,
                 (select down_since is not null from allocator.qiscus_health) as down,
-                allocator.roster_uncertain() as uncertain`,
+                allocator.evidence_pull_due() as uncertain`,
       );
       if (databaseFailing) {
         // PostgreSQL is back (a restart, a failover): serve now, not when LISTEN has reconnected
@@ -120,9 +120,9 @@ export async function startListener(o: ListenerOptions): Promise<Listener> {
     }
   };
 
-  // A count held for want of evidence (allocator.roster_uncertain) is settled by the next pull: pull again once
-  // the last one is a second old, or twice its duration for a roster of many pages, instead of at the next
-  // scheduled sync.
+  // A room waiting only because a count is held for want of evidence (allocator.evidence_pull_due) is served after
+  // the next pull: pull again once the last one is a second old, or twice its duration for a roster of many pages,
+  // instead of at the next scheduled sync.
   let syncing = false;
   let lastSyncStart = 0;
   let lastSyncMs = 0;
