@@ -29,6 +29,9 @@ import { ansi, renderFrame, renderPlainLine, type AgentRow, type DemoEvent, type
 const APP_ID = 'demo-app';
 const SECRET_KEY = 'demo-secret-key';
 const SYNC_SECONDS = 2;
+const SUPPORT = 439;
+const SALES = 438;
+const TEAMS: Record<number, string> = { [SUPPORT]: 'Customer support', [SALES]: 'Sales' };
 const NAMES = ['Ayu', 'Budi', 'Citra', 'Dewi', 'Eka', 'Fajar', 'Gita', 'Hadi', 'Indah', 'Joko', 'Kartika', 'Lestari'];
 
 let opts: DemoOptions;
@@ -167,12 +170,22 @@ async function start(): Promise<void> {
   await runMigrations(databaseUrl);
   pool = createPool(databaseUrl, logger, { max: 30, applicationName: 'allocator-demo' });
 
+  // Two teams, as Qiscus divisions: the first half of the agents in Customer support, the rest in Sales; and one
+  // route, typed as a DBA would: WhatsApp rooms go to Customer support, the others to anyone.
   const agents: SimAgentInit[] = Array.from({ length: opts.agents }, (_, i) => {
     const base = NAMES[i % NAMES.length]!;
     const name = i < NAMES.length ? base : `${base} ${Math.floor(i / NAMES.length) + 1}`;
-    return { id: 1001 + i, name, email: `${name.toLowerCase().replace(/\s+/g, '.')}@example.com` };
+    const team = i < Math.ceil(opts.agents / 2) ? SUPPORT : SALES;
+    return { id: 1001 + i, name, email: `${name.toLowerCase().replace(/\s+/g, '.')}@example.com`, divisions: [team] };
   });
-  sim = await startSimulator({ agents, appId: APP_ID, secretKey: SECRET_KEY, seed: opts.seed });
+  sim = await startSimulator({
+    agents,
+    divisions: { [SUPPORT]: TEAMS[SUPPORT]!, [SALES]: TEAMS[SALES]! },
+    appId: APP_ID,
+    secretKey: SECRET_KEY,
+    seed: opts.seed,
+  });
+  await pool.query(`insert into allocator.routes (source, division_ids) values ('wa', array[$1::bigint])`, [SUPPORT]);
 
   // The supervisor's page too, with a token made for this run (shown under the live view).
   const token = randomBytes(16).toString('hex');
@@ -277,11 +290,13 @@ async function snapshot(): Promise<Snapshot> {
   ).rows[0];
   const agents: AgentRow[] = (
     await pool!.query(
-      `select id, name, available, load, our_load, external_load, capacity, paused from allocator.agent_load order by id`,
+      `select id, name, available, load, our_load, external_load, capacity, paused, division_ids
+       from allocator.agent_load order by id`,
     )
   ).rows.map((a) => ({
     id: Number(a.id),
-    name: a.name,
+    // the team once the first roster pull has brought the divisions
+    name: a.division_ids?.length ? `${a.name} · ${TEAMS[Number(a.division_ids[0])] ?? a.division_ids[0]}` : a.name,
     available: a.available,
     paused: a.paused,
     load: a.load,
@@ -386,10 +401,12 @@ async function run(): Promise<number> {
     handleMs: [2000, 10_000],
     returningShare: 0.15,
     repeatShare: 0.1,
+    whatsappShare: 0.4,
     rand,
   });
   started = Date.now();
   say(`${Math.round(opts.agents * 3)} customers are already writing; then ~${opts.rate} new customers per second`);
+  say(`route: WhatsApp rooms (4 in 10) go to ${TEAMS[SUPPORT]}, the others to anyone`);
   traffic.start();
   scenario(sim!, pool!, traffic);
 

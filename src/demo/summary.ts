@@ -30,6 +30,9 @@ export interface DemoSummary
   invariantDetails: string[];
   /** allocator.attempts by outcome. */
   qiscusCalls: Record<string, number>;
+  /** Routed rooms (a route named divisions for them) and how many of those went to an agent of none of them. */
+  routed: number;
+  routedOutside: number;
   /** Assignments Qiscus accepted for an agent who had gone offline there (before the next roster sync noticed). */
   assignedWhileOffline: number;
   ok: boolean;
@@ -68,6 +71,14 @@ export async function summarize({ pool, sim, counts, seconds, seed }: SummaryInp
   ).rows;
   const invariants = (await pool.query<{ problem: string; detail: string }>(`select * from allocator.check_invariants()`))
     .rows;
+  // Routed rooms assigned, and those whose agent is in none of the route's divisions (no overflow is set here).
+  const routing = (
+    await pool.query<{ routed: number; outside: number }>(`
+      select count(*)::int as routed,
+             count(*) filter (where not (s.division_ids && coalesce(a.division_ids, '{}')))::int as outside
+      from allocator.sessions s join allocator.agents a on a.id = s.agent_id
+      where s.assigned_at is not null and s.division_ids is not null`)
+  ).rows[0]!;
   const calls = (
     await pool.query<{ outcome: string | null; n: number }>(
       `select outcome, count(*)::int as n from allocator.attempts group by outcome order by outcome`,
@@ -95,6 +106,7 @@ export async function summarize({ pool, sim, counts, seconds, seed }: SummaryInp
   if (doubleAssignments > 0) failures.push(`${doubleAssignments} rooms assigned twice`);
   if (invariants.length > 0) failures.push(`${invariants.length} rows from allocator.check_invariants()`);
   if (rejected > 0) failures.push(`${rejected} webhooks not accepted`);
+  if (routing.outside > 0) failures.push(`${routing.outside} routed rooms went to an agent outside their divisions`);
 
   return {
     seconds,
@@ -119,6 +131,8 @@ export async function summarize({ pool, sim, counts, seconds, seed }: SummaryInp
     invariantProblems: invariants.length,
     invariantDetails: invariants.map((r) => `${r.problem}: ${r.detail}`),
     qiscusCalls: Object.fromEntries(calls.map((c) => [c.outcome ?? 'open', c.n])),
+    routed: routing.routed,
+    routedOutside: routing.outside,
     assignedWhileOffline: sim.stats.assignedWhileOffline,
     ok: failures.length === 0,
     failures,
@@ -152,6 +166,7 @@ export function renderSummary(r: DemoSummary, useColor: boolean): string {
     row('rooms assigned twice', r.doubleAssignments, check(r.doubleAssignments === 0)),
     row('check_invariants()', `${r.invariantProblems} problems`, check(r.invariantProblems === 0)),
     row('webhooks rejected', rejected, check(rejected === 0)),
+    row('routed rooms to their team', `${r.routed - r.routedOutside} of ${r.routed}`, check(r.routedOutside === 0)),
   ];
   if (r.assignedWhileOffline > 0) {
     lines.push(

@@ -17,6 +17,8 @@ export interface TrafficOptions {
   returningShare: number;
   /** Chance, per arrival, that a waiting customer writes again (Qiscus repeats the allocation webhook). */
   repeatShare: number;
+  /** Share of new rooms that come in through WhatsApp (source `wa`; the demo routes them to one team). */
+  whatsappShare: number;
   rand: () => number;
 }
 
@@ -49,6 +51,8 @@ export class Traffic {
   lastRejection: string | undefined;
 
   private nextRoom = 1;
+  /** Each room's channel (a returning customer writes through the same one). */
+  private sources = new Map<string, string>();
   /** Rooms with a customer waiting or being served. */
   private open = new Set<string>();
   /** Rooms whose last session was resolved: a returning customer writes into one of these. */
@@ -118,10 +122,13 @@ export class Traffic {
       room = this.closed.splice(Math.floor(this.o.rand() * this.closed.length), 1)[0];
     }
     if (room) this.counts.returning++;
-    room ??= String(700_000 + this.nextRoom++);
+    if (!room) {
+      room = String(700_000 + this.nextRoom++);
+      this.sources.set(room, this.o.rand() < this.o.whatsappShare ? 'wa' : 'qiscus');
+    }
     this.open.add(room);
     this.counts.arrived++;
-    this.post(this.sim.sendNewRequest(room));
+    this.post(this.sim.sendNewRequest(room, { source: this.sources.get(room) }));
   }
 
   /** A waiting customer writes again: Qiscus sends the allocation webhook once more; nothing may change. */
@@ -130,7 +137,7 @@ export class Traffic {
     const room = waiting[Math.floor(this.o.rand() * waiting.length)];
     if (room === undefined) return;
     this.counts.repeats++;
-    this.post(this.sim.sendNewRequest(room));
+    this.post(this.sim.sendNewRequest(room, { source: this.sources.get(room) }));
   }
 
   /** New successful assignments in the simulator's log: the agent starts handling the room. */

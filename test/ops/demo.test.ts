@@ -91,6 +91,9 @@ describe('npm run demo', () => {
     expect(s.capacity).toBe(2);
     expect(s.overCapacity).toEqual([]);
     expect(s.doubleAssignments).toBe(0);
+    // two teams and a route: WhatsApp rooms were served, by Customer support only
+    expect(s.routed).toBeGreaterThan(0);
+    expect(s.routedOutside).toBe(0);
     expect(s.invariantProblems).toBe(0);
     expect(s.p50AssignSeconds).not.toBeNull();
     expect(s.p90AssignSeconds!).toBeGreaterThanOrEqual(s.p50AssignSeconds!);
