@@ -16,6 +16,7 @@ import { runDrainPlans } from './drainplans.ts';
 import { runHorizon } from './horizon.ts';
 import { runIngest } from './ingest.ts';
 import { runLatency } from './latency.ts';
+import { runPrune } from './prune.ts';
 import { machineLine } from './lib/machine.ts';
 import { root } from './lib/procs.ts';
 import {
@@ -39,6 +40,7 @@ const PARTS: Record<string, Part> = {
   allocation: runAllocation,
   latency: runLatency,
   scale: runScale,
+  prune: runPrune,
 };
 
 const wanted = (process.env.BENCH_PARTS ?? Object.keys(PARTS).join(','))
