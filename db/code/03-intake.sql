@@ -115,6 +115,12 @@ begin
     -- A repeat of a resolution already applied: the open session, if any, is a returning customer's new one
     -- (opened after that service was resolved), so it must stay open.
     v_outcome := 'already_resolved';
+  elsif service is not null and last.state = 'assigned' and service < last.service_id then
+    -- The resolution of an earlier service than the one the agent holds now (Qiscus numbers services in order):
+    -- after it, a call of ours opened a newer one (the retry of a rescued reservation whose first call had landed
+    -- and been resolved before its webhook reached us). Closing the session would free a slot Qiscus still counts;
+    -- the resolution of last.service_id will close it.
+    v_outcome := 'earlier_service';
   elsif last.state in ('waiting', 'reserved', 'assigned') then
     -- A reserved room's call is in flight. If the agent we reserved resolved the room, and this call is the only
     -- one that can have put it there, the assignment landed before the resolution: the slot is free now. (Not

@@ -247,6 +247,11 @@ export class Model {
     ) {
       return { outcome: closesNothing, sessionId: undefined /* not compared */ };
     }
+    // the resolution of an earlier service than the one the agent holds now (Qiscus numbers services in order):
+    // a call of ours opened the newer one after it, and the session stays open
+    if (service !== null && last.state === 'assigned' && last.serviceId !== null && service < last.serviceId) {
+      return { outcome: late.length > 0 ? 'resolved' : 'earlier_service', sessionId: last.id };
+    }
     // a reserved room keeps its slot and attempt until the call in flight reports back (settleResolvedInFlight),
     // unless its agent resolved it: then our assignment landed before, and the slot is free now
     const landed = last.state === 'reserved' && !last.uncertain && by !== null && by === last.agentId;

@@ -110,6 +110,21 @@ describe('allocation webhook', () => {
 });
 
 describe('resolution webhook', () => {
+  it('of a service earlier than the one the agent holds now changes nothing; the later one closes the room', async () => {
+    // A rescued reservation's first call landed and was resolved in Qiscus; its webhook comes only after the retry
+    // opened a newer service (chaos soak, seed 3092126443: the agent held 3 rooms)
+    await addAgents(db.pool, [1]);
+    await queue(db.pool, 'a');
+    const r = (await reserve(db.pool))!;
+    await confirm(db.pool, r.attempt_id, 115830256);
+    expect(await resolve(db.pool, 'a', 115830228)).toMatchObject({ outcome: 'earlier_service' });
+    expect((await sessionOf(db.pool, 'a')).state).toBe('assigned');
+    expect(await loads(db.pool)).toEqual({ 1: 1 });
+    expect(await resolve(db.pool, 'a', 115830256)).toMatchObject({ outcome: 'resolved' });
+    expect(await loads(db.pool)).toEqual({ 1: 0 });
+    expect(await invariants(db.pool)).toEqual([]);
+  });
+
   it('frees the slot, and a NOTIFY reaches a listening connection', async () => {
     await addAgents(db.pool, [1], { max_load: 1 });
     await queue(db.pool, 'a');
