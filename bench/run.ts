@@ -17,6 +17,7 @@ import { runHorizon } from './horizon.ts';
 import { runIngest } from './ingest.ts';
 import { runLatency } from './latency.ts';
 import { runPrune } from './prune.ts';
+import { runRouted } from './routed.ts';
 import { machineLine } from './lib/machine.ts';
 import { root } from './lib/procs.ts';
 import {
@@ -41,6 +42,7 @@ const PARTS: Record<string, Part> = {
   latency: runLatency,
   scale: runScale,
   prune: runPrune,
+  routed: runRouted,
 };
 
 const wanted = (process.env.BENCH_PARTS ?? Object.keys(PARTS).join(','))
