@@ -110,8 +110,9 @@ describe('the dashboard in Chromium', () => {
     await roomRow('browser-room-1').waitFor({ timeout: 5000 });
     const appeared = Date.now() - posted;
     console.log(`[browser] the room appeared on the page ${appeared} ms after its webhook was accepted`);
-    // One snapshot a second (fixed rate) plus its query and the browser's paint.
-    expect(appeared).toBeLessThan(1250);
+    // One snapshot a second (fixed rate: the change may land just after a read), plus that read's query, the
+    // event and the browser's paint: 0.8 s on a quiet machine, 1.3 s seen in CI with the suite just finished.
+    expect(appeared).toBeLessThan(1500);
     await expect(roomRow('browser-room-1').locator('td').nth(3).textContent()).resolves.toBe('wa');
     await page.locator('#waiting', { hasText: /^1$/ }).waitFor();
 
