@@ -27,19 +27,28 @@
 --                   │   │                  ├──close_request──▶ resolved, call in flight (attempt_id and lease kept)
 --                   │   │                  │                    └─ when the call reports back or its listener dies:
 --                   │   │                  │                       settled by evidence (settle_resolved_in_flight)
+--                   │   │                  │                       └─ it may have landed after the resolution:
+--                   │   │                  │                          the room counts on the agent (external_load)
+--                   │   │                  │                          until a roster pull shows Qiscus's count;
+--                   │   │                  │                          if the answer named the new service:
+--                   │   │                  │                          resolved, late_service_id = that service,
+--                   │   │                  │                          until its own close_request frees the count
 --                   └───┼──────────────────┘ fail_transient, fail_for_agent, release_reservation, rescue
 --                       │                    holds_slot: the call may have landed, so the waiting room keeps its
 --                       │                    agent's slot and goes back to that agent first
+--                       ├──holds_slot, and that call's confirm() arrives late──▶ assigned (no second call)
 --                       ├──max_attempts used up, or refused by every agent──▶ failed
 --                       ├──waited longer than max_wait_seconds─────────────▶ cancelled
 --                       └──close_request──────────────────────────────────▶ resolved
 --------------------------------------------------------------------------------------------------------------------
 
 comment on type allocator.session_state is
-  'waiting (queued; holds_slot: keeps its last agent''s slot after a call that may have landed), reserved (an assign '
-  'call is in flight, by listener `owner`), assigned, resolved (with attempt_id set: resolved while its call was in '
-  'flight, settled when the call reports back), failed (attempts used up or refused by every agent), cancelled '
-  '(waited longer than max_wait_seconds).';
+  'waiting (queued; holds_slot: keeps its last agent''s slot after a call that may have landed, and that call''s '
+  'late confirm assigns it), reserved (an assign call is in flight, by listener `owner`), assigned, resolved (with '
+  'attempt_id set: resolved while its call was in flight, settled when the call reports back; with late_service_id '
+  'set: that call landed after the resolution and opened this service, counted on agent_id until its own '
+  'resolution), failed (attempts used up or refused by every agent), cancelled (waited longer than '
+  'max_wait_seconds).';
 
 --------------------------------------------------------------------------------------------------------------------
 -- Small helpers every other file uses.
