@@ -20,18 +20,25 @@ const NETWORK_CODES = new Set([
   'ENETUNREACH', 'ENETDOWN', 'EHOSTDOWN', 'ENOENT', 'ECANCELED',
 ]);
 
+/**
+ * SQLSTATEs of a conflict with other transactions: serialization failure, deadlock (the victim), lock not available
+ * (a lock_timeout). The transaction was rolled back and the connection is fine: the same transaction again, on the
+ * same connection, succeeds once the others are done.
+ */
+const CONFLICT_CODES = new Set(['40001', '40P01', '55P03']);
+
 export function classifyDbError(err: unknown): DbErrorKind {
-  const code = codeOf(err);
-  if (code && /^[0-9A-Z]{5}$/.test(code) && isServerError(err)) {
-    // SQLSTATE from the server.
-    if (code.startsWith('08')) return 'unavailable'; // connection exception
-    if (code.startsWith('53')) return 'unavailable'; // insufficient resources (too many connections, disk full)
-    if (code.startsWith('40')) return 'unavailable'; // serialization failure, deadlock: a retry succeeds
-    if (['57P01', '57P02', '57P03', '57014'].includes(code)) return 'unavailable'; // shutdown, crash, starting, timeout
-    if (code === '55P03' || code === '55006') return 'unavailable'; // lock not available, object in use
-    if (code.startsWith('22')) return 'rejected';
+  const state = sqlstate(err);
+  if (state) {
+    if (state.startsWith('08')) return 'unavailable'; // connection exception
+    if (state.startsWith('53')) return 'unavailable'; // insufficient resources (too many connections, disk full)
+    if (state.startsWith('40')) return 'unavailable'; // transaction rollback (see CONFLICT_CODES): a retry succeeds
+    if (['57P01', '57P02', '57P03', '57014'].includes(state)) return 'unavailable'; // shutdown, crash, starting, timeout
+    if (CONFLICT_CODES.has(state) || state === '55006') return 'unavailable'; // a conflict; object in use
+    if (state.startsWith('22')) return 'rejected';
     return 'bug';
   }
+  const code = codeOf(err);
   if (code && NETWORK_CODES.has(code)) return 'unavailable';
   // node-postgres reports a pool timeout, a dropped connection or a client killed mid-query as a plain Error
   // without SQLSTATE; the pool is the only thing we call, so anything not from the server is the connection.
@@ -42,6 +49,22 @@ export function classifyDbError(err: unknown): DbErrorKind {
 /** The database is not there right now (or asked us to try again), rather than "this statement is wrong". */
 export function isConnectionError(err: unknown): boolean {
   return classifyDbError(err) === 'unavailable';
+}
+
+/**
+ * The call lost a conflict with other transactions (deadlock, lock_timeout, serialization failure): retry the same
+ * transaction on the same connection. A part of 'unavailable' that, unlike a lost connection, the same client
+ * survives (what `npm run migrate`'s code step retries on).
+ */
+export function isLockConflict(err: unknown): boolean {
+  const code = sqlstate(err);
+  return code !== undefined && CONFLICT_CODES.has(code);
+}
+
+/** The SQLSTATE of an error the server sent; undefined for a client-side error. */
+function sqlstate(err: unknown): string | undefined {
+  const code = codeOf(err);
+  return code && /^[0-9A-Z]{5}$/.test(code) && isServerError(err) ? code : undefined;
 }
 
 /** pg's DatabaseError (a message from the server) carries `severity`; client-side errors do not. */

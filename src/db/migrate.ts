@@ -6,6 +6,7 @@ import { Logger, migrate } from 'graphile-migrate';
 // Not re-exported by the package's index; no `exports` map, so the deep import is stable within 1.x.
 import { clearAllPools } from 'graphile-migrate/dist/pgReal.js';
 import pg from 'pg';
+import { isLockConflict } from './errors.ts';
 
 /** The folder with the committed migrations (graphile-migrate's `migrationsFolder`, as in .gmrc). */
 export const migrationsFolder = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../db');
@@ -143,9 +144,8 @@ export async function applyCode(client: pg.ClientBase, folder = codeFolder): Pro
       return true;
     } catch (e) {
       await client.query('rollback').catch(() => {});
-      const code = (e as { code?: string }).code;
-      // lock_not_available (our lock_timeout) or deadlock_detected: the allocator was busy; try again shortly.
-      if ((code === '55P03' || code === '40P01') && attempt < 100) {
+      // Our lock_timeout, or a deadlock: the allocator was busy; try again shortly.
+      if (isLockConflict(e) && attempt < 100) {
         await new Promise((r) => setTimeout(r, Math.min(50 * attempt, 1000) * (0.5 + Math.random())));
         continue;
       }

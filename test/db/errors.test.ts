@@ -1,10 +1,11 @@
 /**
  * Which database failures are the database being away (the web app answers 503, the listener retries its report),
- * the data refused (422), or a bug (500; the listener gives the report up to the lease).
+ * the data refused (422), or a bug (500; the listener gives the report up to the lease); and which of the first
+ * are a lost conflict with other transactions, which `npm run migrate` retries on the same connection.
  */
 import pg from 'pg';
 import { describe, expect, it } from 'vitest';
-import { classifyDbError, isConnectionError } from '../../src/db/errors.ts';
+import { classifyDbError, isConnectionError, isLockConflict } from '../../src/db/errors.ts';
 
 function serverError(code: string): Error {
   const e = new pg.DatabaseError(`sqlstate ${code}`, 0, 'error');
@@ -38,5 +39,21 @@ describe('classifyDbError', () => {
   ])('%s → %s', (_name, err, kind) => {
     expect(classifyDbError(err)).toBe(kind);
     expect(isConnectionError(err)).toBe(kind === 'unavailable');
+  });
+});
+
+describe('isLockConflict', () => {
+  it.each([
+    ['55P03 lock not available', serverError('55P03'), true],
+    ['40P01 deadlock', serverError('40P01'), true],
+    ['40001 serialization failure', serverError('40001'), true],
+    ['57014 statement timeout', serverError('57014'), false],
+    ['08006 connection failure', serverError('08006'), false],
+    ['ECONNRESET', sys('ECONNRESET'), false],
+    ['connection terminated', new Error('Connection terminated unexpectedly'), false],
+    ['23505 unique violation', serverError('23505'), false],
+  ])('%s → %s', (_name, err, conflict) => {
+    expect(isLockConflict(err)).toBe(conflict);
+    if (conflict) expect(classifyDbError(err)).toBe('unavailable');
   });
 });
