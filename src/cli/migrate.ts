@@ -1,4 +1,4 @@
-/** `npm run migrate`: brings DATABASE_URL to the current schema (committed migrations under db/committed). */
+/** `npm run migrate`: brings DATABASE_URL to the current schema and code (db/committed, then db/code: src/db/migrate.ts). */
 import { loadConfigOrExit } from '../config/index.ts';
 import { runMigrations } from '../db/migrate.ts';
 

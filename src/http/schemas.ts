@@ -2,7 +2,8 @@
  * What the two Qiscus webhooks must look like to be served. We check only what we rely on (the room id, and the
  * fields the SQL functions read: `source`, `latest_service.id`, `service.id`) and the structure around it;
  * every other field may be absent, null, of any type, or new: Qiscus adds fields over time and documents none of
- * them as required (see test/fixtures/README.md). The SQL functions receive the payload as Qiscus sent it.
+ * them as required (the captured shapes are in test/fixtures/: caa-*.json, mar-resolved.json). The SQL functions
+ * receive the payload as Qiscus sent it.
  *
  * Before zod, `checkStorable` walks the whole payload for what PostgreSQL's jsonb cannot store (the NUL
  * character, lone UTF-16 surrogates) or what would blow a stack (absurd nesting): such input must be refused here

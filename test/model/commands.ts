@@ -129,7 +129,7 @@ const RUN_SETTINGS: Record<string, string> = {
   retry_base_seconds: '3600',
   retry_max_seconds: '100000',
   max_attempts: '3',
-  // Outages of Qiscus pace calls by wall-clock time (one probe a second): tested in test/sql/outage.test.ts.
+  // Outages of Qiscus pace calls by wall-clock time (one probe a second): tested in test/sql/liveness.test.ts.
   outage_failures: '1000000',
 };
 
@@ -389,12 +389,11 @@ export class Harness {
     }
   }
 
-  /** The database agrees with the model, and the service's invariants hold. */
   /**
-   * Liveness (the SPEC's invariant 7), after every step: whenever a room is waiting and due, and an agent that may
-   * serve it has a free slot by Qiscus's count (ours + by hand, as of the last roster pull), a reservation must
-   * come out now, not after some lease, hold or poll. reserve() is called in a transaction that is rolled back,
-   * so the check changes nothing.
+   * Liveness (README, How it works: "Nothing waits for a clock when there is evidence"), after every step:
+   * whenever a room is waiting and due, and an agent that may serve it has a free slot by Qiscus's count (ours +
+   * by hand, as of the last roster pull), a reservation must come out now, not after some lease, hold or poll.
+   * reserve() is called in a transaction that is rolled back, so the check changes nothing.
    */
   private async checkLiveness(): Promise<void> {
     const m = this.model;
@@ -429,6 +428,7 @@ export class Harness {
     this.count('liveness:checked');
   }
 
+  /** The database agrees with the model, and the service's invariants hold. */
   async compare(): Promise<void> {
     const m = this.model;
     const results = (await this.db.query(`

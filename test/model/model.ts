@@ -82,9 +82,10 @@ export interface RosterEntry {
 }
 
 /**
- * Where the SQL and the product spec disagree, which one the model follows. 'sql' mirrors the current SQL (so that
- * the property test can guard everything else); 'spec' is what the spec asks for (the regression tests of the
- * bugs use it, and fail until the SQL is fixed).
+ * Where the SQL and the intended rule disagree(d), which one the model follows. 'sql' mirrors the SQL as it was
+ * (so that the property test can guard everything else); 'spec' is the intended rule, stated below with each key
+ * (the first two: README, Decisions, "Repeats and returning customers"); the regression tests of the bugs use it.
+ * Every rule is fixed in the SQL now, so both sets are 'spec'.
  */
 export interface Rules {
   /**
@@ -110,6 +111,7 @@ export interface Rules {
 
 /** The SQL as it is today. When the SQL is fixed, switch the fixed rule to 'spec' here (or drop the rule). */
 export const SQL_RULES: Rules = { lateNewRequestCopy: 'spec', repeatedResolution: 'spec', giveUpWithoutRefusal: 'spec' };
+/** Every rule as intended: the 'spec' side of each key of Rules. */
 export const SPEC_RULES: Rules = { lateNewRequestCopy: 'spec', repeatedResolution: 'spec', giveUpWithoutRefusal: 'spec' };
 
 const OPEN: ReadonlySet<State> = new Set(['waiting', 'reserved', 'assigned']);
