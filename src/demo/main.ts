@@ -25,6 +25,7 @@ import { parseOptions, UsageError, USAGE, type DemoOptions } from './options.ts'
 import { summarize, renderSummary, type DemoSummary } from './summary.ts';
 import { Traffic } from './traffic.ts';
 import { ansi, renderFrame, renderPlainLine, type AgentRow, type DemoEvent, type Snapshot } from './view.ts';
+import { onShutdown } from '../shutdown.ts';
 
 const APP_ID = 'demo-app';
 const SECRET_KEY = 'demo-secret-key';
@@ -361,36 +362,6 @@ async function draw(force = false): Promise<void> {
 
 let finish: () => void = () => {};
 const finished = new Promise<void>((r) => (finish = r));
-let presses = 0;
-
-function onStopRequest() {
-  presses++;
-  if (presses === 1) {
-    say('stopping early (press again to skip the summary)');
-    finish();
-  } else {
-    // Second press: hand in-flight assignments back and leave without the summary.
-    process.stderr.write('\nhurrying: no summary\n');
-    void (async () => {
-      await listener?.abandon().catch(() => {});
-      await releaseAll();
-      process.exit(130);
-    })();
-  }
-}
-
-// On the live screen, keys instead of the terminal's line discipline: q or Ctrl-C (raw mode turns it into a key).
-if (process.stdin.isTTY) {
-  process.stdin.setRawMode(true);
-  process.stdin.on('data', (buf: Buffer) => {
-    const k = buf.toString();
-    if (k === '\x03' || k === 'q' || k === 'Q' || k === '\x04') onStopRequest();
-  });
-} else {
-  process.stdin.on('error', () => {});
-}
-process.on('SIGINT', onStopRequest);
-process.on('SIGTERM', onStopRequest);
 process.on('unhandledRejection', (e) => warnings.push(`unhandled: ${String(e)}`));
 
 async function run(): Promise<number> {
@@ -438,13 +409,41 @@ async function run(): Promise<number> {
   return summary.ok ? 0 : 1;
 }
 
-run().then(
-  (code) => process.exit(code),
-  async (e: unknown) => {
-    restoreTerminal();
-    process.stderr.write(`\ndemo failed: ${e instanceof Error ? (e.stack ?? e.message) : String(e)}\n`);
-    for (const w of warnings.slice(-5)) process.stderr.write(`warn: ${w}\n`);
-    await releaseAll();
-    process.exit(1);
+/** The run's exit code, once its summary is out (or it failed and everything is stopped). */
+const outcome: Promise<number> = run().catch(async (e: unknown) => {
+  restoreTerminal();
+  process.stderr.write(`\ndemo failed: ${e instanceof Error ? (e.stack ?? e.message) : String(e)}\n`);
+  for (const w of warnings.slice(-5)) process.stderr.write(`warn: ${w}\n`);
+  await releaseAll();
+  return 1;
+});
+
+// Stopping early goes through src/shutdown.ts like every entry point: the first Ctrl-C/SIGTERM (or `q`) ends the
+// run now, with its summary; the second hands in-flight assignments back and leaves without it (exit 130); a
+// third exits at once. The demo says so on its screen; the shutdown helper's own lines are left out.
+const requestStop = onShutdown(logger.child({}, { level: 'error' }), {
+  graceful: () => {
+    say('stopping early (press again to skip the summary)');
+    finish();
+    return outcome;
   },
-);
+  hurry: async () => {
+    process.stderr.write('\nhurrying: no summary\n');
+    await listener?.abandon().catch(() => {});
+    await releaseAll();
+    return 130;
+  },
+});
+
+// On the live screen, keys instead of the terminal's line discipline: q or Ctrl-C (raw mode turns it into a key).
+if (process.stdin.isTTY) {
+  process.stdin.setRawMode(true);
+  process.stdin.on('data', (buf: Buffer) => {
+    const k = buf.toString();
+    if (k === '\x03' || k === 'q' || k === 'Q' || k === '\x04') requestStop('key');
+  });
+} else {
+  process.stdin.on('error', () => {});
+}
+
+void outcome.then((code) => process.exit(code));

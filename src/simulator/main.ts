@@ -1,4 +1,5 @@
 import { createLogger } from '../log.ts';
+import { onShutdown } from '../shutdown.ts';
 import { startSimulator, type SimAgentInit } from './qiscus-simulator.ts';
 
 /*
@@ -55,12 +56,9 @@ const sim = await startSimulator({
 log.info({ url: sim.url, agents: count, webhookBaseUrl: sim.webhookBaseUrl ?? null, seed: sim.seed }, 'Qiscus simulator listening');
 console.log(sim.url);
 
-let stopping = false;
-for (const signal of ['SIGINT', 'SIGTERM'] as const) {
-  process.on(signal, () => {
-    if (stopping) return;
-    stopping = true;
-    log.info({ signal, stats: sim.stats }, 'stopping');
-    void sim.close().then(() => process.exit(0));
-  });
-}
+onShutdown(log, {
+  graceful: async () => {
+    log.info({ stats: sim.stats }, 'stopping');
+    await sim.close();
+  },
+});
