@@ -163,7 +163,7 @@ async function preference(client: pg.ClientBase): Promise<{ def: string; md5: st
 }
 
 /** The hash of the newest committed migration (its `--! Hash:` header), which graphile-migrate records when applied. */
-export async function latestMigrationHash(): Promise<string> {
+async function latestMigrationHash(): Promise<string> {
   const dir = path.join(migrationsFolder, 'committed');
   const files = (await readdir(dir)).filter((f) => /^\d+.*\.sql$/.test(f)).sort();
   const last = files.at(-1);

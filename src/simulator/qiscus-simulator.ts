@@ -282,7 +282,7 @@ interface RoomState {
 
 type Answer = { status: number; body: unknown; headers?: Record<string, string> };
 
-export function defaultFaults(): Faults {
+function defaultFaults(): Faults {
   return {
     latencyMs: 0,
     errorRate: 0,

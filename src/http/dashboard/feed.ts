@@ -9,7 +9,7 @@
 import type pg from 'pg';
 
 /** Rooms listed on the page; the count of waiting rooms covers the rest. */
-export const QUEUE_ROWS = 100;
+const QUEUE_ROWS = 100;
 
 export interface QueueRow {
   position: number;
