@@ -59,7 +59,7 @@ export interface ChaosOptions {
   seed?: number;
   /** Progress lines (default: none). */
   log?: (line: string) => void;
-  /** Agents in the simulator (default 20) and their capacity, default_max_load (default 2). */
+  /** Agents in the simulator (default 20) and their capacity, default_max_load (default: the shipped one). */
   agents?: number;
   capacity?: number;
   /** New rooms per second, on average (default 4). */
@@ -337,7 +337,6 @@ export async function runChaos(opts: ChaosOptions = {}): Promise<ChaosReport> {
   const drainMs = (opts.drainSeconds ?? Math.max(60, chaosMs / 1000 / 4)) * 1000;
   const seed = (opts.seed ?? Math.floor(Math.random() * 2 ** 32)) >>> 0;
   const nAgents = opts.agents ?? 20;
-  const capacity = opts.capacity ?? 2;
   const arrivalsPerSecond = opts.arrivalsPerSecond ?? 4;
   const lateCopies = opts.lateCopies ?? true;
   const log = opts.log ?? (() => {});
@@ -369,8 +368,11 @@ export async function runChaos(opts: ChaosOptions = {}): Promise<ChaosReport> {
     await runMigrations(srv.url);
     pool = new pg.Pool({ connectionString: srv.url, max: 4, connectionTimeoutMillis: 2000 });
     pool.on('error', () => {}); // PostgreSQL restarts under it
-    // The shipped settings, except the capacity when a caller asks for another (the default is the same 2).
-    await pool.query(`update allocator.settings set value = $1 where key = 'default_max_load'`, [String(capacity)]);
+    // The shipped settings, except the capacity when a caller asks for another.
+    if (opts.capacity !== undefined) {
+      await pool.query(`update allocator.settings set value = $1 where key = 'default_max_load'`, [String(opts.capacity)]);
+    }
+    const capacity = (await pool.query<{ c: number }>(`select allocator.default_max_load() as c`)).rows[0]!.c;
     const shipped = (
       await pool.query<{ base: string; max: string; failures: number; lease: string }>(
         `select allocator.retry_base_seconds()::text as base, allocator.retry_max_seconds()::text as max,

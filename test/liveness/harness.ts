@@ -23,7 +23,7 @@ export const SHIPPED_ENV = { AGENT_SYNC_SECONDS: '30', SWEEP_SECONDS: '5' } as c
 
 export const OBSERVE_MS = Math.max(0, Number(process.env.LIVENESS_OBSERVE_SECONDS ?? 0) || 0) * 1000;
 
-/** Agents 1..n (capacity: the default, 2). */
+/** Agents 1..n (capacity: default_max_load). */
 export const agents = (n: number, from = 1): SimAgentInit[] =>
   Array.from({ length: n }, (_, i) => ({ id: from + i, name: `Agent ${from + i}` }));
 
@@ -34,7 +34,8 @@ const disposeLater = disposeAfterEach();
 
 /**
  * A database of its own, then simulator + web + listeners at the shipped defaults (plus `env`).
- * `capacity` sets `default_max_load` before anything starts, as a DBA would (README, "Tune").
+ * `capacity` sets `default_max_load` before anything starts, as a DBA would (README, "Tune"); the `capacity`
+ * returned is default_max_load as the database then has it (the shipped default unless set).
  */
 export async function liveStack(opts: {
   agents: SimAgentInit[];
@@ -42,7 +43,7 @@ export async function liveStack(opts: {
   env?: Record<string, string>;
   capacity?: number;
   sim?: SimulatorOptions;
-}): Promise<{ db: TestDatabase; stack: Stack; sim: Simulator }> {
+}): Promise<{ db: TestDatabase; stack: Stack; sim: Simulator; capacity: number }> {
   const db = await createTestDatabase();
   disposeLater(() => db.drop());
   // drop() ends the pool and then drops the database WITH (FORCE); a client still closing then gets "terminating
@@ -51,6 +52,7 @@ export async function liveStack(opts: {
   if (opts.capacity !== undefined) {
     await db.pool.query(`update allocator.settings set value = $1 where key = 'default_max_load'`, [String(opts.capacity)]);
   }
+  const capacity = (await db.pool.query<{ c: number }>(`select allocator.default_max_load() as c`)).rows[0]!.c;
   const stack = await startStack({
     databaseUrl: db.url,
     listeners: opts.listeners ?? 1,
@@ -58,7 +60,7 @@ export async function liveStack(opts: {
     sim: { ...opts.sim, agents: opts.agents },
   });
   disposeLater(() => stack.stop());
-  return { db, stack, sim: stack.sim };
+  return { db, stack, sim: stack.sim, capacity };
 }
 
 export function report(line: string): void {
@@ -165,8 +167,11 @@ function performedByRoom(sim: Simulator): Map<string, number> {
   return n;
 }
 
-/** Safety, checked by every liveness test: no agent ever above capacity, no room assigned twice. */
-export function expectSafe(sim: Simulator, capacity = 2): void {
+/**
+ * Safety, checked by every liveness test: no agent ever above `capacity` (default_max_load, as liveStack returns
+ * it), no room assigned twice.
+ */
+export function expectSafe(sim: Simulator, capacity: number): void {
   expect(sim.maxLoadSeenAll(), 'highest load any agent ever had in Qiscus').toBeLessThanOrEqual(capacity);
   const twice = [...performedByRoom(sim)].filter(([, n]) => n > 1);
   expect(twice, 'rooms an assign call put an agent in more than once').toEqual([]);

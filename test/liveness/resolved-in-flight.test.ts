@@ -8,7 +8,7 @@
  * that same service id. The answer and the resolution together prove the slot is free, so the next waiting room
  * must reach the agent at once: not after a roster pull (every 30 s) or a fixed hold.
  *
- * Bound, at the shipped defaults (roster every 30 s, sweep 5 s, lease 60 s): each next room's assign call reaches
+ * Bound, at the shipped defaults (roster every 30 s, sweep 5 s, lease 30 s): each next room's assign call reaches
  * Qiscus within 1 s of the previous room's assign answer (earlier is fine: a resolution by the agent itself is
  * already proof). The first room within 1 s of being queued (a free slot is used within 1 s).
  * Safety: the agent never holds more than 1 room in Qiscus, no room put on an agent twice.

@@ -17,8 +17,9 @@ afterAll(async () => {
 beforeEach(async () => {
   await db.pool.query(`truncate allocator.agents, allocator.sessions, allocator.attempts, allocator.webhooks,
                                 allocator.source_priority cascade`);
-  await db.pool.query(`update allocator.settings set value = '2' where key = 'default_max_load'`);
-  await db.pool.query(`update allocator.settings set value = '0' where key = 'max_wait_seconds'`);
+  // the capacity and the maximum wait some tests change, back to their shipped defaults
+  await db.pool.query(`update allocator.settings s set value = d.value from allocator.setting_defaults() d
+                       where s.key = d.key and d.key in ('default_max_load', 'max_wait_seconds')`);
 });
 afterEach(async () => {
   expect(await invariants(db.pool)).toEqual([]);
