@@ -40,23 +40,43 @@ afterAll(async () => {
   await c.end();
 });
 
-/** The functions of a database migrated from empty (the test template). */
-async function currentFunctions(): Promise<string[]> {
-  const u = new URL(adminUrl);
-  u.pathname = `/${inject('pgTemplate')}`;
+/**
+ * What db/code defines in a database: its functions (with their signatures), views (with their definitions) and
+ * triggers (with their table, definition and function).
+ */
+async function codeObjects(db: pg.Pool | pg.Client): Promise<Record<'functions' | 'views' | 'triggers', string[]>> {
+  const list = async (sql: string) => (await db.query<{ x: string }>(sql)).rows.map((r) => r.x);
+  return {
+    functions: await list(`select p.oid::regprocedure::text as x from pg_proc p
+                           where p.pronamespace = 'allocator'::regnamespace order by 1`),
+    views: await list(`select format('%s: %s', viewname, definition) as x from pg_views where schemaname = 'allocator'
+                       union all
+                       select format('%s (materialized): %s', matviewname, definition) from pg_matviews
+                       where schemaname = 'allocator' order by 1`),
+    triggers: await list(`select format('%s on %s calls %s: %s', t.tgname, t.tgrelid::regclass, t.tgfoid::regprocedure,
+                                        pg_get_triggerdef(t.oid)) as x
+                          from pg_trigger t join pg_class c on c.oid = t.tgrelid
+                          where c.relnamespace = 'allocator'::regnamespace and not t.tgisinternal order by 1`),
+  };
+}
+
+/** The code objects of a database migrated from empty (a copy of the test template). */
+async function currentCodeObjects(): Promise<Record<'functions' | 'views' | 'triggers', string[]>> {
   const c = new pg.Client(adminUrl);
   await c.connect();
   const name = `allocator_fresh_${Math.random().toString(36).slice(2, 10)}`;
   await c.query(`create database ${name} template ${inject('pgTemplate')}`);
   await c.end();
   created.push(name);
+  const u = new URL(adminUrl);
   u.pathname = `/${name}`;
   const f = new pg.Client(u.toString());
   await f.connect();
-  const r = await f.query(`select p.oid::regprocedure::text as f from pg_proc p
-                           where p.pronamespace = 'allocator'::regnamespace order by 1`);
-  await f.end();
-  return r.rows.map((x) => x.f);
+  try {
+    return await codeObjects(f);
+  } finally {
+    await f.end();
+  }
 }
 
 describe('migrations', () => {
@@ -74,6 +94,8 @@ describe('migrations', () => {
 
   it('bring a database at every earlier version to the current one', { timeout: 120_000 }, async () => {
     const files = (await readdir(path.join(migrationsFolder, 'committed'))).filter((f) => f.endsWith('.sql')).sort();
+    const current = await currentCodeObjects();
+    expect(current.views.length * current.triggers.length, 'views and triggers to compare').toBeGreaterThan(0);
     for (let upTo = 1; upTo < files.length; upTo++) {
       // a migrations folder holding only the first `upTo` migrations stands for an older release
       const old = path.join(os.tmpdir(), `allocator-old-${upTo}-${process.pid}`);
@@ -91,10 +113,9 @@ describe('migrations', () => {
       await npmMigrate(url);
       const pool = new pg.Pool({ connectionString: url });
       expect(await migrationsApplied(pool)).toBe(true);
-      // the same functions as a new database: one current definition each, none left from the old release
-      const fns = await pool.query(`select p.oid::regprocedure::text as f from pg_proc p
-                                    where p.pronamespace = 'allocator'::regnamespace order by 1`);
-      expect(fns.rows.map((r) => r.f)).toEqual(await currentFunctions());
+      // the same functions, views and triggers as a new database: one current definition each, none left from
+      // the old release
+      expect(await codeObjects(pool), `upgraded from migration ${upTo}`).toEqual(current);
       await pool.end();
     }
     expect(files.length).toBeGreaterThanOrEqual(1);
