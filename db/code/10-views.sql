@@ -39,6 +39,10 @@ create view allocator.agent_load as
   from allocator.agents a
   order by a.id;
 comment on view allocator.agent_load is 'Per agent: available (online, not paused), load (ours + assigned by hand), capacity.';
+comment on column allocator.agent_load.available is 'agents.accepting: online in Qiscus and not paused, so it may be '
+  'given new rooms (a paused agent still gets the retry of a room whose slot it holds).';
+comment on column allocator.agent_load.load is 'agents.total_load: our rooms (our_load) + rooms assigned by hand in '
+  'Qiscus (external_load), what capacity bounds.';
 
 -- Per division: its waiting rooms, the longest wait, its agents online and their free slots.
 create view allocator.division_queue as
@@ -115,6 +119,7 @@ create view allocator.stats_live as
     (select count(*) from allocator.sessions where state = 'assigned')                   as assigned_open,
     (select count(*) from allocator.eligible_agents)                                     as agents_free,
     (select count(*) from allocator.agents where accepting and total_load >= allocator.capacity(max_load)) as agents_full,
+    -- listed agents that may not be given new rooms: offline in Qiscus, or paused (free + full + offline = all)
     (select count(*) from allocator.agents g
       where not g.accepting and g.type = 'agent' and g.present)                          as agents_offline,
     (select coalesce(sum(capacity), 0) from allocator.agent_load where available)        as capacity_online,

@@ -104,11 +104,12 @@ const SNAPSHOT_SQL = `
     'agents', coalesce((
       select json_agg(json_build_object(
                'id', l.id, 'name', l.name,
-               'status', case when not a.present then 'not in the Qiscus roster'
+               'status', case when a.accepting then 'online'
+                              when a.online then 'paused'
+                              -- not online: why Qiscus may not give it rooms
+                              when not a.present then 'not in the Qiscus roster'
                               when a.force_offline then 'forced offline in Qiscus'
-                              when not a.is_available then 'unavailable in Qiscus'
-                              when a.paused then 'paused'
-                              else 'online' end,
+                              else 'unavailable in Qiscus' end,
                'load', l.load, 'capacity', l.capacity, 'by_hand', l.external_load, 'paused', l.paused,
                'divisions', coalesce(${divisionNames('l.division_ids')}, '{}'))
              order by lower(l.name), l.id)
