@@ -12,6 +12,16 @@
 --   05-outcomes        confirm, fail_transient, fail_for_agent,       11-routing      routes and divisions
 --                      release_reservation, report                12-retention    deleting old history
 --
+-- Plans: the entry points of the hot path (reserve, report, accept_new_request(s), accept_close_request) run with
+-- `set enable_seqscan = off` and, for reserve and report, `plan_cache_mode = force_generic_plan`; the functions
+-- they call inherit both. A listener keeps its connections for days and PL/pgSQL caches each statement's plan per
+-- connection: planned while a table was tiny (a new install, a burst the statistics have not seen), a lookup by
+-- primary key became a sequential scan and stayed one as the table grew (a cold drain: report() read 900 pages per
+-- call). Every statement of these paths has an index that serves it, so neither setting can make a plan worse; and
+-- the generic plan is made once, where a custom plan (chosen because a LIMIT or an array is a parameter) was made
+-- again on every call (0.1-0.2 ms each). Tested in test/sql/batch.test.ts (plans that do not depend on the
+-- statistics).
+--
 -- Shape of the data:
 --   settings   tunables a DBA may change at any time (read on every call, so a change applies at once)
 --   agents     one row per Qiscus agent; our_load = rooms we hold for it, guarded by a trigger

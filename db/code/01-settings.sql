@@ -30,14 +30,18 @@ on conflict (key) do update set description = excluded.description
   where settings.description is distinct from excluded.description;
 
 -- The value of a numeric setting: the row if it parses, else its default.
+-- (PL/pgSQL, not SQL: a SQL function that is not inlined is planned again in every statement that calls it, which
+-- cost each statement of a reservation about 0.15 ms; PL/pgSQL keeps its plan for the session.)
 create function allocator.setting(setting_key text)
 returns numeric
-language sql stable
+language plpgsql stable
 as $$
-  select coalesce(
+begin
+  return coalesce(
     (select case when s.value ~ '^\s*-?\d{1,9}(\.\d{1,6})?\s*$' then s.value::numeric end
        from allocator.settings s where s.key = setting_key),
     (select d.value::numeric from allocator.setting_defaults() d where d.key = setting_key));
+end;
 $$;
 
 -- One typed accessor per setting.

@@ -16,6 +16,13 @@ returns integer
 language sql stable
 as $$ select coalesce(max_load, allocator.default_max_load()) $$;  -- no sub-select: inlined where it is used
 
+-- May agent `a` be given one more room now: online, not paused (accepting), and below its capacity? The one
+-- eligibility rule, inlined where it is used (the held-room retry alone asks less: only `online`, see reserve_held).
+create function allocator.can_take_room(a allocator.agents)
+returns boolean
+language sql stable
+as $$ select a.accepting and a.total_load < allocator.capacity(a.max_load) $$;
+
 -- The largest capacity any agent has: the default or the biggest per-agent max_load (one probe of agents_max_load).
 -- (PL/pgSQL: it runs on every reservation, and a SQL function with a sub-select is planned anew on every call.)
 create function allocator.max_capacity()
@@ -67,7 +74,7 @@ as $$
 begin
   update allocator.agents a
   set our_load = a.our_load + 1, last_assigned_at = now()
-  where a.id = agent and a.accepting and a.total_load < allocator.capacity(a.max_load);
+  where a.id = agent and allocator.can_take_room(a);
   return found;
 end;
 $$;
@@ -76,7 +83,7 @@ $$;
 create view allocator.eligible_agents as
   select a.*
   from allocator.agents a
-  where a.accepting and a.total_load < allocator.capacity(a.max_load);
+  where allocator.can_take_room(a);
 comment on view allocator.eligible_agents is 'Agents online, not paused, and below capacity: who can take a room now.';
 
 -- The rule for choosing agents: the agents that may take a room now, best first. A DBA may replace it with
@@ -95,8 +102,7 @@ language sql stable
 as $$
   select a.*
   from allocator.agents a
-  where a.accepting
-    and a.total_load < allocator.capacity(a.max_load)
+  where allocator.can_take_room(a)
     and a.total_load < (select allocator.max_capacity())
   order by a.total_load, a.last_assigned_at nulls first, a.id
 $$;

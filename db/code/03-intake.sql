@@ -20,6 +20,7 @@ as $$ select pg_advisory_xact_lock(1364, hashtext(room)) $$;
 create function allocator.accept_new_request(payload jsonb, request_id text default null)
 returns table (outcome text, session_id bigint, webhook_id bigint)
 language plpgsql
+set enable_seqscan = off  -- see "Plans" in 00-basics.sql
 as $$
 declare
   room      text   := nullif(btrim(payload ->> 'room_id'), '');
@@ -74,6 +75,7 @@ $$;
 create function allocator.accept_close_request(payload jsonb, request_id text default null)
 returns table (outcome text, session_id bigint, webhook_id bigint)
 language plpgsql
+set enable_seqscan = off  -- see "Plans" in 00-basics.sql
 as $$
 declare
   room      text   := nullif(btrim(payload -> 'service' ->> 'room_id'), '');
@@ -177,6 +179,7 @@ create trigger notify_room_waiting
 create function allocator.accept_new_requests(requests jsonb)
 returns table (ord integer, outcome text, session_id bigint, webhook_id bigint, error_code text, error text)
 language plpgsql
+set enable_seqscan = off  -- see "Plans" in 00-basics.sql
 as $$
 declare
   r jsonb;

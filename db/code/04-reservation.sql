@@ -62,10 +62,15 @@ $$;
 -- dies, its reservations are rescued at once instead of at the end of the lease). Returns no row when nothing can
 -- be assigned now. The caller then calls Qiscus for each and reports back (confirm, fail_*, release_reservation;
 -- or report() for many) before the lease ends.
+-- Three steps, each a complete rule on its own: rooms holding a slot go back to their agent first (reserve_held);
+-- then, without routes, a batch of free agents is paired with a batch of rooms in a few set-based statements
+-- (reserve_batch: the fast path of a busy queue); then one room at a time (reserve_next), which finds whatever
+-- the batch step could not pair (a room that must wait for its last agent, a route, an agent with two free slots).
 create function allocator.reserve(owner integer default null, batch integer default 1)
 returns table (attempt_id bigint, session_id bigint, room_id text, agent_id bigint, attempt integer,
                lease_expires_at timestamptz)
 language plpgsql
+set enable_seqscan = off set plan_cache_mode = force_generic_plan  -- see "Plans" in 00-basics.sql
 as $$
 declare
   taken integer := 0;
@@ -85,6 +90,17 @@ begin
     batch := 1;
   end if;
   while taken < batch loop
+    return query select * from allocator.reserve_held(owner);
+    get diagnostics got = row_count;
+    exit when got = 0;
+    taken := taken + 1;
+  end loop;
+  if taken < batch and not exists (select from allocator.routes) then
+    return query select * from allocator.reserve_batch(owner, batch - taken);
+    get diagnostics got = row_count;
+    taken := taken + got;
+  end if;
+  while taken < batch loop
     return query select * from allocator.reserve_next(owner);
     get diagnostics got = row_count;
     exit when got = 0;
@@ -95,6 +111,133 @@ begin
   if current_setting('allocator.contended', true) = 'on' then
     perform pg_notify('allocator', 'room');
   end if;
+end;
+$$;
+
+-- A room holding a slot goes back to its agent first: no slot to find, and the repeat is harmless if the earlier
+-- call did reach Qiscus. The agent need only be online, not accepting: a paused agent keeps the retry of a room it
+-- may already have. A held room whose agent went offline or vanished lets the slot go and queues like any other
+-- (still preferring that agent, see takeable); then the next held room is looked at, so that one such room never
+-- hides another that could go now. No row when no held room is due.
+create function allocator.reserve_held(owner integer)
+returns table (attempt_id bigint, session_id bigint, room_id text, agent_id bigint, attempt integer,
+               lease_expires_at timestamptz)
+language plpgsql
+as $$
+declare
+  s allocator.sessions;
+begin
+  loop
+    select q.* into s
+    from allocator.sessions q
+    where q.state = 'waiting' and q.holds_slot and q.next_attempt_at <= now()
+    order by q.next_attempt_at, q.id
+    limit 1
+    for no key update of q skip locked;
+    exit when s.id is null;
+    if exists (select from allocator.agents a where a.id = s.agent_id and a.online) then
+      return query select * from allocator.reserve_for(s, s.agent_id, owner);
+      return;
+    end if;
+    perform allocator.free_slot(s.agent_id);
+    update allocator.sessions q set holds_slot = false, uncertain = false, updated_at = now() where q.id = s.id;
+  end loop;
+end;
+$$;
+
+-- Up to `batch` assignments in a handful of statements, whatever the batch size, when no route is defined: the
+-- best free agents (agent_preference, locked, each at most once) paired in order with the oldest rooms they may
+-- take (takeable), locked, so that the oldest room goes to the best agent. Rooms and agents another reservation
+-- holds right now are passed over (SKIP LOCKED), as in reserve_next; a room the batch cannot pair (it waits for
+-- its last agent, or excludes every agent locked here) is left for reserve_next, which looks further.
+create function allocator.reserve_batch(owner integer, batch integer)
+returns table (attempt_id bigint, session_id bigint, room_id text, agent_id bigint, attempt integer,
+               lease_expires_at timestamptz)
+language plpgsql
+as $$
+declare
+  candidates bigint[];
+  agents     bigint[];
+  rooms      allocator.sessions[];
+  s          allocator.sessions;
+  paired     bigint[] := '{}';  -- agent of each room in pair_rooms
+  pair_rooms bigint[] := '{}';
+  used       bigint[] := '{}';
+  choice     bigint;
+  i          integer;
+begin
+  -- Twice as many candidates as places: some may be locked by another reservation right now.
+  candidates := array(select p.id from allocator.agent_preference() p limit 2 * batch);
+  if cardinality(candidates) = 0 then
+    return;
+  end if;
+  -- Lock the first `batch` that are still free on their latest version, in order of preference.
+  agents := array(select a.id
+                  from unnest(candidates) with ordinality c(id, n)
+                  join allocator.agents a on a.id = c.id
+                  where allocator.can_take_room(a)
+                  order by c.n
+                  limit batch
+                  for no key update of a skip locked);
+  if cardinality(agents) < least(batch, cardinality(candidates)) then
+    perform set_config('allocator.contended', 'on', true);  -- see reserve()
+  end if;
+  if cardinality(agents) = 0 then
+    return;
+  end if;
+  rooms := array(select q from allocator.sessions q
+                 where q.state = 'waiting' and not q.holds_slot and q.next_attempt_at <= now()
+                 order by q.priority desc, q.queued_at, q.id
+                 limit cardinality(agents)
+                 for no key update of q skip locked);
+  -- Pair in memory: each room, oldest first, with the best agent left that may take it.
+  foreach s in array rooms loop
+    choice := null;
+    if s.excluded_agents = '{}' and s.last_agent_id is null then
+      for i in 1 .. cardinality(agents) loop
+        if agents[i] <> all (used) then choice := agents[i]; exit; end if;
+      end loop;
+    else
+      for i in 1 .. cardinality(agents) loop
+        if agents[i] <> all (used) and allocator.takeable(s, agents[i]) then choice := agents[i]; exit; end if;
+      end loop;
+    end if;
+    if choice is not null then
+      used := used || choice;
+      pair_rooms := pair_rooms || s.id;
+      paired := paired || choice;
+    end if;
+  end loop;
+  if cardinality(paired) = 0 then
+    return;
+  end if;
+
+  -- The slots: one guarded update for all of them (each agent once). Every agent is locked and was free on its
+  -- latest version, so each update succeeds; the guard and its trigger still stand behind it.
+  update allocator.agents a
+  set our_load = a.our_load + 1, last_assigned_at = now()
+  where a.id = any (paired) and allocator.can_take_room(a);
+  get diagnostics i = row_count;
+  if i <> cardinality(paired) then
+    raise exception 'reserve_batch: % of % slots taken', i, cardinality(paired);
+  end if;
+
+  return query
+  with pairs as (
+    select p.session_id, p.agent_id from unnest(pair_rooms, paired) p(session_id, agent_id)
+  ), new_attempts as (
+    insert into allocator.attempts (session_id, agent_id, number)
+    select p.session_id, p.agent_id, q.attempts + 1
+    from pairs p join allocator.sessions q on q.id = p.session_id
+    returning id, attempts.session_id, attempts.agent_id
+  )
+  update allocator.sessions q
+  set state = 'reserved', agent_id = n.agent_id, attempt_id = n.id, attempts = q.attempts + 1,
+      holds_slot = false, uncertain = false, reserved_at = now(), updated_at = now(),
+      lease_expires_at = now() + allocator.lease(), owner = reserve_batch.owner
+  from new_attempts n
+  where q.id = n.session_id
+  returning n.id, q.id, q.room_id, n.agent_id, q.attempts, q.lease_expires_at;
 end;
 $$;
 
@@ -116,27 +259,6 @@ declare
   best       bigint;
   skipped    bigint[];
 begin
-  -- A room holding a slot goes back to its agent first: no slot to find, and the repeat is harmless if the
-  -- earlier call did reach Qiscus. The agent need only be online, not accepting: a paused agent keeps the retry
-  -- of a room it may already have. A held room whose agent went offline or vanished lets the slot go and queues
-  -- like any other (still preferring that agent, see below); then the next held room is looked at, so that one
-  -- such room never hides another that could go now.
-  loop
-    select q.* into s
-    from allocator.sessions q
-    where q.state = 'waiting' and q.holds_slot and q.next_attempt_at <= now()
-    order by q.next_attempt_at, q.id
-    limit 1
-    for no key update of q skip locked;
-    exit when s.id is null;
-    if exists (select from allocator.agents a where a.id = s.agent_id and a.online) then
-      return query select * from allocator.reserve_for(s, s.agent_id, owner);
-      return;
-    end if;
-    perform allocator.free_slot(s.agent_id);
-    update allocator.sessions q set holds_slot = false, uncertain = false, updated_at = now() where q.id = s.id;
-  end loop;
-
   -- An explicit cursor fetches one agent at a time (a FOR-IN loop would read ten ahead).
   open candidates for select p.id from allocator.agent_preference() p;
   loop
@@ -146,13 +268,13 @@ begin
     -- Lock the agent, or move on if another reservation holds it right now. The check runs on the row's latest
     -- version (the cursor's snapshot may be older), so a room is only taken below once a slot is certain.
     select a.division_ids into divisions from allocator.agents a
-    where a.id = candidate and a.accepting and a.total_load < allocator.capacity(a.max_load)
+    where a.id = candidate and allocator.can_take_room(a)
     for no key update skip locked;
     if not found then
       -- Skipped because another reservation holds it? Then that one may leave rooms this agent could take: say
       -- so, and reserve() wakes everyone once it commits.
       if exists (select from allocator.agents a
-                 where a.id = candidate and a.accepting and a.total_load < allocator.capacity(a.max_load)) then
+                 where a.id = candidate and allocator.can_take_room(a)) then
         perform set_config('allocator.contended', 'on', true);
       end if;
       continue;

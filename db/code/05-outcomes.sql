@@ -236,6 +236,7 @@ $$;
 create function allocator.report(outcomes jsonb)
 returns table (attempt_id bigint, result text)
 language plpgsql
+set enable_seqscan = off set plan_cache_mode = force_generic_plan  -- see "Plans" in 00-basics.sql
 as $$
 declare
   o        jsonb;

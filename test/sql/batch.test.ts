@@ -5,7 +5,7 @@
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { createTestDatabase, type TestDatabase } from '../support/db.ts';
 import { newRequest } from '../support/fixtures.ts';
-import { addAgents, invariants, loads, queue, sessionOf } from '../support/sql.ts';
+import { addAgents, invariants, loads, queue, resolve, sessionOf } from '../support/sql.ts';
 
 let db: TestDatabase;
 beforeAll(async () => {
@@ -54,6 +54,126 @@ describe('reserve(owner, batch)', () => {
       rooms.push(...rest);
     }
     expect(rooms.sort()).toEqual(Array.from({ length: 30 }, (_, i) => `r${i + 1}`).sort());
+  });
+});
+
+describe('reserve(owner, batch): the set-based pairing', () => {
+  it('pairs the oldest rooms with the best agents, in order, each agent once per batch', async () => {
+    await addAgents(db.pool, [1, 2, 3]);
+    // Agent 2 had a room a moment ago: the least preferred (fewest rooms first, then idle longest, then id).
+    await db.pool.query(`update allocator.agents set last_assigned_at = now() where id = 2`);
+    for (const r of ['r1', 'r2', 'r3', 'r4']) await queue(db.pool, r);
+    const rs = (await db.pool.query(`select room_id, agent_id from allocator.reserve(null, 4)`)).rows;
+    // 1, 3, then 2, each once in the batch; agent 1's second slot goes to r4 in the one-at-a-time step after it.
+    expect(rs.map((r) => `${r.room_id}:${r.agent_id}`)).toEqual(['r1:1', 'r2:3', 'r3:2', 'r4:1']);
+  });
+
+  it('a room that excludes the batch\'s agent or waits for its last agent does not hold up the rooms behind it', async () => {
+    await addAgents(db.pool, [1, 2, 3]);
+    for (const r of ['r1', 'r2', 'r3']) await queue(db.pool, r);
+    // r1 was refused by agent 1; r2 waits for agent 2 (its last agent, free but paused, so not in the batch)
+    await db.pool.query(`update allocator.sessions set excluded_agents = '{1}' where room_id = 'r1'`);
+    await db.pool.query(`update allocator.sessions set last_agent_id = 2 where room_id = 'r2'`);
+    await db.pool.query(`update allocator.agents set paused = true where id in (2, 3)`);
+    const rs = (await db.pool.query(`select room_id, agent_id from allocator.reserve(null, 8)`)).rows;
+    // Agent 2 paused is not eligible, so r2 may go to anyone: the oldest room agent 1 may take is r2.
+    expect(rs.map((r) => `${r.room_id}:${r.agent_id}`)).toEqual(['r2:1', 'r3:1']);
+    expect((await sessionOf(db.pool, 'r1')).state).toBe('waiting');
+    // Agent 2 is back: r1 (refused by 1 only) goes to it.
+    await db.pool.query(`update allocator.agents set paused = false where id = 2`);
+    const more = (await db.pool.query(`select room_id, agent_id from allocator.reserve(null, 8)`)).rows;
+    expect(more.map((r) => `${r.room_id}:${r.agent_id}`)).toEqual(['r1:2']);
+  });
+
+  it('a retry waiting for its last agent, free and not in this batch, is left for that agent', async () => {
+    await addAgents(db.pool, [1, 2]);
+    await db.pool.query(`update allocator.agents set last_assigned_at = now() where id = 2`); // 2 after 1
+    for (const r of ['r1', 'r2']) await queue(db.pool, r);
+    await db.pool.query(`update allocator.sessions set last_agent_id = 2 where room_id = 'r1'`);
+    const rs = (await db.pool.query(`select room_id, agent_id from allocator.reserve(null, 1)`)).rows;
+    expect(rs.map((r) => `${r.room_id}:${r.agent_id}`)).toEqual(['r2:1']); // r1 is for agent 2, still free
+    const next = (await db.pool.query(`select room_id, agent_id from allocator.reserve(null, 1)`)).rows;
+    expect(next.map((r) => `${r.room_id}:${r.agent_id}`)).toEqual(['r1:2']);
+  });
+
+  it('ten callers reserving batches of 8 at once: never over capacity, never a room twice, and every slot filled with the oldest rooms', async () => {
+    const agents = Array.from({ length: 40 }, (_, i) => i + 1);
+    await addAgents(db.pool, agents);
+    const capacity = (await db.pool.query(`select allocator.default_max_load() as n`)).rows[0].n as number;
+    const rooms = Array.from({ length: 40 * capacity + 20 }, (_, i) => `r${String(i + 1).padStart(3, '0')}`);
+    for (const r of rooms) await queue(db.pool, r);
+    const got: string[] = [];
+    const started = Date.now();
+    await Promise.all(
+      Array.from({ length: 10 }, async () => {
+        for (;;) {
+          const rs = (await db.pool.query(`select room_id, attempt_id from allocator.reserve(null, 8)`)).rows;
+          if (rs.length === 0) return;
+          got.push(...rs.map((r) => r.room_id));
+          await db.pool.query(`select * from allocator.report($1::jsonb)`, [
+            JSON.stringify(rs.map((r) => ({ attempt: r.attempt_id, outcome: 'assigned', service: null }))),
+          ]);
+        }
+      }),
+    );
+    expect(new Set(got).size).toBe(got.length);
+    expect(Math.max(...Object.values(await loads(db.pool)))).toBe(capacity);
+    // Liveness: every slot was filled, and with the oldest rooms; the newest 20 wait, in order. Bound: the
+    // callers stop only when a reserve returns nothing, so this is "all of it, at once".
+    expect(got.sort()).toEqual(rooms.slice(0, 40 * capacity));
+    const waiting = (await db.pool.query(`select room_id from allocator.queue order by position`)).rows;
+    expect(waiting.map((r) => r.room_id)).toEqual(rooms.slice(40 * capacity));
+    expect(Date.now() - started).toBeLessThan(30_000);
+  });
+});
+
+describe('plans that do not depend on the statistics', () => {
+  it('reserve, report and the webhooks never scan sessions, attempts, agents or webhooks, even when their plans were made on tiny tables', async () => {
+    const c = await db.client();
+    try {
+      // Plans are cached per connection on first use: make them while every table holds a handful of rows.
+      await addAgents(c, [1, 2, 3]);
+      for (let round = 0; round < 8; round++) {
+        for (const r of ['t1', 't2', 't3']) await queue(c, `${r}-${round}`);
+        const rs = (await c.query(`select room_id, attempt_id from allocator.reserve(null, 3)`)).rows;
+        await c.query(`select * from allocator.report($1::jsonb)`, [
+          JSON.stringify(rs.map((r) => ({ attempt: r.attempt_id, outcome: 'assigned', service: round + 1 }))),
+        ]);
+        for (const r of rs) await resolve(c, r.room_id, round + 1);
+      }
+      // Then the tables grow, with no ANALYZE (as in a burst): scans would now read thousands of pages.
+      await db.pool.query(`
+        insert into allocator.agents (id, name) select g, 'agent ' || g from generate_series(100, 5099) g;
+        insert into allocator.sessions (room_id, state, queued_at, resolved_at)
+          select 'old-' || g, 'resolved', now() - interval '1 day', now() - interval '1 day' from generate_series(1, 30000) g;
+        insert into allocator.attempts (session_id, agent_id, number, finished_at, outcome)
+          select s.id, 100 + s.id % 5000, 1, now(), 'assigned' from allocator.sessions s where s.room_id like 'old-%';
+        insert into allocator.webhooks (kind, room_id, outcome, payload)
+          select 'new_request', 'old-' || g, 'queued', '{}'::jsonb from generate_series(1, 30000) g;`);
+      const scans = async () => {
+        await c.query(`select pg_stat_force_next_flush()`);
+        await c.query(`select 1`); // the flush happens when the session goes idle
+        await db.pool.query(`select pg_stat_clear_snapshot()`);
+        const r = await db.pool.query(
+          `select relname, seq_scan from pg_stat_user_tables where schemaname = 'allocator'
+             and relname in ('sessions', 'attempts', 'agents', 'webhooks') order by relname`,
+        );
+        return Object.fromEntries(r.rows.map((x) => [x.relname, Number(x.seq_scan)]));
+      };
+      const before = await scans();
+      for (let round = 0; round < 5; round++) {
+        for (const r of ['u1', 'u2', 'u3']) await queue(c, `${r}-${round}`);
+        const rs = (await c.query(`select room_id, attempt_id from allocator.reserve(null, 3)`)).rows;
+        expect(rs).toHaveLength(3);
+        await c.query(`select * from allocator.report($1::jsonb)`, [
+          JSON.stringify(rs.map((r) => ({ attempt: r.attempt_id, outcome: 'assigned', service: 100 + round }))),
+        ]);
+        for (const r of rs) await resolve(c, r.room_id, 100 + round);
+      }
+      expect(await scans()).toEqual(before);
+    } finally {
+      await c.end();
+    }
   });
 });
 
