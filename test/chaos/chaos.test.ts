@@ -2,9 +2,12 @@
  * The one-minute chaos run of `npm test` (see chaos.ts): two web and three listener processes at the shipped
  * defaults, Qiscus faults (10% 5xx, 429s, hangs, assigned-then-500, latency spikes), a listener killed with
  * kill -9 every 3-6 s, a web process every 10-20 s, PostgreSQL restarts, rooms resolved 0.1-0.5 s after their
- * assignment and returning customers, for 60 s; then heal, drain and check. Every check must pass: nothing lost,
- * nobody over capacity, no room with two agents, and liveness (liveness.ts: a waiting room with a free agent gets
- * its assign call within 1 s + 0.5 s margin, outside the excuses listed there; webhook 2xx → assign call p95 ≤ 2 s;
+ * assignment and returning customers, rooms routed to three divisions by source and channel.id while the routes and
+ * Qiscus's division membership change (routing.ts), for 60 s; then heal, drain and check. Every check must pass:
+ * nothing lost, nobody over capacity, no room with two agents, every reservation allowed by the room's route
+ * (its divisions, or overflowed, or no route), every membership change pulled, and liveness (liveness.ts: a waiting
+ * room with an agent who may serve it and has a free slot gets its assign call within 1 s + 0.5 s margin, outside
+ * the excuses listed there; webhook 2xx → assign call p95 ≤ 2 s;
  * settled within 5 s of the traffic stopping; the p95 is judged only when the machine is not loaded beyond three
  * times its cores by others). The report is printed.
  * CHAOS_SEED=<n> replays a seed (fault and customer choices; process timing still varies), CHAOS_SECONDS changes
@@ -18,7 +21,7 @@ const seconds = Number(process.env.CHAOS_SECONDS ?? 60);
 const seed = process.env.CHAOS_SEED === undefined ? undefined : Number(process.env.CHAOS_SEED);
 
 it(
-  `chaos: ${seconds} s of faults, kill -9 and PostgreSQL restarts; nothing lost, nobody over capacity, no free slot left idle`,
+  `chaos: ${seconds} s of faults, kill -9, PostgreSQL restarts and changing routes; nothing lost, nobody over capacity, routes kept, no free slot left idle`,
   async () => {
     const report = await runChaos({
       seconds,
@@ -36,6 +39,11 @@ it(
       expect(report.faults['PostgreSQL restart'] ?? 0).toBeGreaterThanOrEqual(1);
       expect(report.customers.fastResolutions).toBeGreaterThan(0);
       expect(report.customers.returning).toBeGreaterThan(0);
+      // routes and membership did change while rooms waited, and rooms went both ways
+      expect(report.routing.routeChanges).toBeGreaterThanOrEqual(3);
+      expect(report.routing.membershipChanges).toBeGreaterThanOrEqual(2);
+      expect(report.routing.assigned['agent in a division of the route'] ?? 0).toBeGreaterThan(0);
+      expect(report.routing.assigned['no route matched'] ?? 0).toBeGreaterThan(0);
     }
     // The liveness watch and the webhook→assign percentile are times: on a machine loaded by others they measure the
     // others. `npm run chaos` judges them always; here they are judged with CHAOS_STRICT=1, or when the machine is

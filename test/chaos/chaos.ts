@@ -17,10 +17,18 @@
  *     3% assigns and then says 500; now and then its latency jumps for a few seconds (1.5-3.5 s, or beyond the
  *     listeners' 10 s timeout);
  *   - a listener is killed with kill -9 every 3-6 s, a web process every 10-20 s, each restarted after a moment;
- *   - PostgreSQL is stopped for 1-5 s every 20-30 s.
+ *   - PostgreSQL is stopped for 1-5 s every 20-30 s;
+ *   - routing by division (issue 13; routing.ts): Qiscus has three divisions (Sales, Customer support, Second line;
+ *     two agents in two of them, five in none); rooms come by WhatsApp (two numbers), the web widget, LINE (no
+ *     channel.id) and Telegram; routes send WhatsApp to Customer support (overflow 5 s), the VIP WhatsApp number by
+ *     its channel.id to Sales (a lower position, before the source's route; no overflow) and LINE to Second line
+ *     (overflow 8 s), and change every 8-14 s while rooms wait (a route added, overflows shortened, every route
+ *     deleted, a catch-all); membership changes in Qiscus every 10-16 s (an agent joins, Second line empties), which
+ *     the listeners' roster pulls bring at the shipped AGENT_SYNC_SECONDS (30; a listener also pulls when it starts).
  * Then it stops injecting, heals everything, drains (agents resolve until nothing waits), and checks — counting,
  * never assuming — what the service's invariants promise: safety (nothing lost, nobody over capacity, no room with
- * two agents) and liveness, watched DURING the run by liveness.ts (a waiting room with a free agent gets its assign
+ * two agents, every reservation allowed by the room's route, every membership change pulled: routing.ts) and
+ * liveness, watched DURING the run by liveness.ts (a waiting room with a free agent who may serve it gets its assign
  * call within the bound; the excuses allowed are listed there), the time from each allocation webhook's 2xx to its
  * assign call, and the time to settle once the traffic stops. `runChaos` returns the report; `formatReport` prints
  * it.
@@ -40,12 +48,30 @@ import {
 import { APP_ID, SECRET_KEY, sleep, spawnProc, type Proc } from '../support/processes.ts';
 import { BOUND_MS, LivenessWatch, percentile, type LivenessFigures } from './liveness.ts';
 import { startQiscusTap, type QiscusTap } from './qiscus-tap.ts';
+import {
+  CHANNELS,
+  DIVISIONS,
+  INITIAL_ROUTES_SQL,
+  MEMBERSHIP_STEPS,
+  ROUTE_STEPS,
+  changeRoutes,
+  initialDivisions,
+  installAudit,
+  judgeMembership,
+  judgeReservations,
+  readRoutes,
+  type RouteRow,
+  type RouteVersion,
+  type RoutingFigures,
+} from './routing.ts';
 
 /** Share of rooms an agent resolves within 0.1-0.5 s of getting it. */
 const FAST_RESOLVE_SHARE = 0.3;
 /** Bounds checked on every run (see the header of liveness.ts for the liveness bound and its excuses). */
 export const WEBHOOK_TO_ASSIGN_P95_MS = 2000;
 export const SETTLE_MS = 5000;
+/** A membership change in Qiscus must reach the database within this (AGENT_SYNC_SECONDS 30, plus a pull's retry). */
+export const MEMBERSHIP_PICKUP_MS = 45_000;
 
 // ------------------------------------------------------------------------------------------------------------------
 // Options and report
@@ -136,6 +162,7 @@ export interface ChaosReport {
     countedExternal: number;
   };
   faults: Record<string, number>;
+  routing: RoutingFigures & { divisions: string[] };
   processes: Array<{ name: string; kills: number; starts: number; alive: boolean; errorLines: number }>;
   liveness: LivenessFigures & {
     /** From the traffic stopping (faults off, every process serving) until no room waits with a free agent. */
@@ -308,6 +335,9 @@ interface Room {
   acceptedAt: number | null;
   /** The agent Qiscus took the room off at its resolution, while that webhook has no 2xx yet (state 'closing'). */
   closingFrom: number | null;
+  /** The webhook's source and channel.id (null: none), the same for every session of the room. */
+  source: string;
+  channel: number | null;
 }
 
 /** One customer session, for the webhook → assign figures. */
@@ -373,6 +403,12 @@ export async function runChaos(opts: ChaosOptions = {}): Promise<ChaosReport> {
       await pool.query(`update allocator.settings set value = $1 where key = 'default_max_load'`, [String(opts.capacity)]);
     }
     const capacity = (await pool.query<{ c: number }>(`select allocator.default_max_load() as c`)).rows[0]!.c;
+    // Routing: the audit of every reservation and membership change (routing.ts), and the routes of the start.
+    await installAudit(pool);
+    const routeVersions: RouteVersion[] = [
+      { ...(await changeRoutes(pool, INITIAL_ROUTES_SQL, 'the routes of the start')), pre: -Infinity },
+    ];
+    let currentRoutes: RouteRow[] = routeVersions[0]!.routes;
     const shipped = (
       await pool.query<{ base: string; max: string; failures: number; lease: string }>(
         `select allocator.retry_base_seconds()::text as base, allocator.retry_max_seconds()::text as max,
@@ -384,7 +420,8 @@ export async function runChaos(opts: ChaosOptions = {}): Promise<ChaosReport> {
       appId: APP_ID,
       secretKey: SECRET_KEY,
       seed,
-      agents: Array.from({ length: nAgents }, (_, i) => ({ id: i + 1, name: `Agent ${i + 1}` })),
+      divisions: DIVISIONS,
+      agents: Array.from({ length: nAgents }, (_, i) => ({ id: i + 1, name: `Agent ${i + 1}`, divisions: initialDivisions(i + 1) })),
     });
     const baseFaults = {
       latencyMs: [5, 300] as [number, number],
@@ -426,9 +463,20 @@ export async function runChaos(opts: ChaosOptions = {}): Promise<ChaosReport> {
 
     // ---------- webhooks out ----------
     // Every webhook body posted, captured from the simulator's fetch, so that a late copy can be delivered again.
+    // The simulator's allocation webhook has no `channel`: the room's channel.id is added here, as Qiscus sends it
+    // (test/fixtures/caa-current-shape.json).
     let captured: string | undefined;
+    const channelOf = new Map<string, number>();
     globalThis.fetch = ((input: Parameters<typeof fetch>[0], init?: Parameters<typeof fetch>[1]) => {
       const u = typeof input === 'string' ? input : input instanceof URL ? input.href : input.url;
+      if (/\/api\/v1\/new_request/.test(u) && typeof init?.body === 'string') {
+        const o = JSON.parse(init.body) as { room_id?: unknown; source?: unknown; channel?: unknown };
+        const channel = channelOf.get(String(o.room_id));
+        if (channel !== undefined) {
+          o.channel = { id: channel, name: `Channel ${channel}`, source: o.source };
+          init = { ...init, body: JSON.stringify(o) };
+        }
+      }
       if (/\/api\/v1\/(new|close)_request/.test(u) && typeof init?.body === 'string') captured = init.body;
       return realFetch(input, init);
     }) as typeof fetch;
@@ -563,8 +611,9 @@ export async function runChaos(opts: ChaosOptions = {}): Promise<ChaosReport> {
       context: () => {
         const ago = (t: number) => (t ? `${((Date.now() - t) / 1000).toFixed(1)} s ago` : 'never');
         const serving = slots.filter((x) => x.kind === 'listener' && x.running && x.ready).map((x) => x.name);
-        return `at ${elapsed().trim()} s; listeners serving: ${serving.join(', ') || 'none'}; PostgreSQL ${pgUp ? `up since ${ago(lastPgUp)}` : 'down'}; last listener kill ${ago(lastListenerKill)}; latency ${JSON.stringify(sim!.faults.latencyMs)}`;
+        return `at ${elapsed().trim()} s; listeners serving: ${serving.join(', ') || 'none'}; PostgreSQL ${pgUp ? `up since ${ago(lastPgUp)}` : 'down'}; last listener kill ${ago(lastListenerKill)}; latency ${JSON.stringify(sim!.faults.latencyMs)}; routes: ${routeVersions.at(-1)!.what}`;
       },
+      routes: () => currentRoutes,
     });
     watch = liveness;
 
@@ -572,7 +621,7 @@ export async function runChaos(opts: ChaosOptions = {}): Promise<ChaosReport> {
     const postNew = (r: Room): Promise<boolean> => {
       const session = r.sessions;
       const before = liveness.freeSlotsAndWaiting(r.id);
-      return viaSim('new_request', r.id, () => sim!.sendNewRequest(r.id)).then((ok) => {
+      return viaSim('new_request', r.id, () => sim!.sendNewRequest(r.id, { source: r.source })).then((ok) => {
         if (ok && r.sessions === session && r.state === 'open' && r.acceptedAt === null) {
           r.acceptedAt = Date.now();
           sessionLog.push({ room: r.id, session, acceptedAt: r.acceptedAt, hadFreeSlot: before.free > before.waiting });
@@ -583,7 +632,12 @@ export async function runChaos(opts: ChaosOptions = {}): Promise<ChaosReport> {
 
     const arrive = () => {
       const id = `c${String(nextRoom++).padStart(5, '0')}`;
+      let x = rand();
+      const via = CHANNELS.find((c) => (x -= c.share) < 0) ?? CHANNELS.at(-1)!;
+      if (via.channel !== null) channelOf.set(id, via.channel);
       const r: Room = {
+        source: via.source,
+        channel: via.channel,
         id,
         sessions: 1,
         state: 'open',
@@ -723,7 +777,7 @@ export async function runChaos(opts: ChaosOptions = {}): Promise<ChaosReport> {
         // the customer writes again while waiting: the allocation webhook repeated
         if (r.state === 'open' && !r.needNew && sim!.agentOf(r.id) === null && chance(0.001)) {
           customers.duplicateMessages++;
-          void track(viaSim('new_request', r.id, () => sim!.sendNewRequest(r.id)));
+          void track(viaSim('new_request', r.id, () => sim!.sendNewRequest(r.id, { source: r.source })));
         }
         // a returning customer: same room, new session (only once Qiscus shows the room free)
         if (r.state === 'closed' && r.returnAt !== null && r.returnAt <= now && sim!.agentOf(r.id) === null) {
@@ -866,6 +920,53 @@ export async function runChaos(opts: ChaosOptions = {}): Promise<ChaosReport> {
       }
     })();
 
+    // Routes changed while rooms wait, every 8-14 s (routing.ts, ROUTE_STEPS). The watch and the checks take each
+    // version as committed; a commit PostgreSQL stopped under is read back once it is up (applied or not).
+    const routeChanger = (async () => {
+      await waitUntil(between(4000, 8000));
+      for (let step = 0; chaosOn(); step++) {
+        while (!pgUp && chaosOn()) await sleep(100);
+        if (!chaosOn()) break;
+        const { what, sql } = ROUTE_STEPS[step % ROUTE_STEPS.length]!;
+        const since = Date.now();
+        let v: RouteVersion | undefined;
+        try {
+          v = await changeRoutes(pool!, sql, what);
+        } catch {
+          for (let i = 0; i < 150 && !v; i++) {
+            await sleep(200);
+            if (pgUp) v = await readRoutes(pool!, since, `${what} (PostgreSQL stopped under it: applied or not)`).catch(() => undefined);
+          }
+        }
+        if (v) {
+          routeVersions.push(v);
+          currentRoutes = v.routes;
+          fault('routes changed while rooms wait');
+          say(`routes: ${v.what}`);
+        }
+        await waitUntil(between(8000, 14_000));
+      }
+    })();
+
+    // Division membership changed in Qiscus every 10-16 s (routing.ts, MEMBERSHIP_STEPS), until 15 s before the end
+    // of the chaos phase (each change is checked to reach the database).
+    const membershipChanges: Array<{ at: number; agent: number; divisions: number[] }> = [];
+    const membershipChanger = (async () => {
+      await waitUntil(between(6000, 10_000));
+      for (let step = 0; chaosOn() && Date.now() < chaosEnd - 15_000; step++) {
+        const { what, set } = MEMBERSHIP_STEPS[step % MEMBERSHIP_STEPS.length]!;
+        const at = Date.now();
+        for (const [agent, divisions] of Object.entries(set)) {
+          if (Number(agent) > nAgents) continue;
+          sim!.setAgentDivisions(Number(agent), divisions);
+          membershipChanges.push({ at, agent: Number(agent), divisions });
+        }
+        fault('division membership changed in Qiscus');
+        say(`Qiscus: ${what}`);
+        await waitUntil(between(10_000, 16_000));
+      }
+    })();
+
     // ---------- the chaos phase ----------
     liveness.start();
     let nextProgress = Date.now() + 10_000;
@@ -923,7 +1024,7 @@ export async function runChaos(opts: ChaosOptions = {}): Promise<ChaosReport> {
     // Healing runs while the driver keeps going (agents resolve, webhooks are sent again), as it would for real.
     let healed = false;
     const healing = (async () => {
-      await Promise.all([listenerKiller, webKiller, pgRestarts, spikes]);
+      await Promise.all([listenerKiller, webKiller, pgRestarts, spikes, routeChanger, membershipChanger]);
       sim!.clearFaults();
       await Promise.all(
         slots.map(async (s) => {
@@ -1146,6 +1247,21 @@ export async function runChaos(opts: ChaosOptions = {}): Promise<ChaosReport> {
     const assignedWithoutCall = assignedRows.rows.filter((x) => !performedPairs.has(`${x.room_id}|${x.agent_id}`));
     for (const x of assignedWithoutCall) implicate(x.room_id, 'assigned in the database without a call Qiscus performed');
     const violations = liveness.realViolations();
+    // Routing: every reservation against the routes of its moment; every membership change in Qiscus against the
+    // database's history (a change not there yet is waited for until its bound has passed).
+    const routed = await judgeReservations(pool, routeVersions);
+    for (const room of routed.violationRooms) implicate(room, "reserved for an agent its route did not allow");
+    let membership = await judgeMembership(pool, initialDivisions, membershipChanges);
+    while (
+      membershipChanges.some((c, i) => membership.membershipLagMs[i] === null && Date.now() < c.at + MEMBERSHIP_PICKUP_MS)
+    ) {
+      await sleep(500);
+      membership = await judgeMembership(pool, initialDivisions, membershipChanges);
+    }
+    const lags = membership.membershipLagMs;
+    const lateChanges = membershipChanges
+      .map((c, i) => ({ ...c, lag: lags[i] }))
+      .filter((c) => c.lag === null || c.lag === undefined || c.lag > MEMBERSHIP_PICKUP_MS);
     for (const room of overCapacity) implicate(room, 'on an agent over capacity');
     for (const [k] of twice) implicate(k.slice(0, k.lastIndexOf('#')), 'assigned twice in one session');
     for (const m of mismatches) implicate(/^room (\S+):/.exec(m)?.[1] ?? '', 'Qiscus and the database disagree');
@@ -1214,6 +1330,8 @@ export async function runChaos(opts: ChaosOptions = {}): Promise<ChaosReport> {
         const from = Math.min(...lines.map((l) => l.at));
         const to = Math.max(...lines.map((l) => l.at));
         for (const t of tap.pulls) if (t >= from && t <= to) lines.push({ at: t, text: 'tap: a listener pulls the roster' });
+        for (const v of routeVersions) if (v.post >= from && v.pre <= to) lines.push({ at: v.pre, text: `routes changed: ${v.what}` });
+        for (const c of membershipChanges) if (c.at >= from && c.at <= to) lines.push({ at: c.at, text: `Qiscus: agent ${c.agent} now in divisions {${c.divisions.join(',')}}` });
       }
       lines.sort((x, y) => x.at - y.at);
       forensics.push(`room ${room} (${why}):`);
@@ -1348,6 +1466,20 @@ export async function runChaos(opts: ChaosOptions = {}): Promise<ChaosReport> {
         detail: leftLoad.rows.length ? leftLoad.rows.map((a) => `agent ${a.id}: our_load ${a.our_load}`).join(', ') : undefined,
       },
       {
+        name: "routed rooms reserved only for agents of their route's divisions (or overflowed, or no route)",
+        ok: routed.violations.length === 0,
+        value: `${routed.violations.length} of ${Object.values(routed.reservations).reduce((a, b) => a + b, 0) + routed.violations.length} reservations`,
+        detail: sample(routed.violations),
+      },
+      {
+        name: `division membership changes in Qiscus in the database within ${MEMBERSHIP_PICKUP_MS / 1000} s`,
+        ok: lateChanges.length === 0,
+        value: `${membershipChanges.length - lateChanges.length} of ${membershipChanges.length} (longest ${
+          lags.length ? `${(Math.max(...lags.map((x) => x ?? Infinity)) / 1000).toFixed(1)} s` : '-'
+        })`,
+        detail: sample(lateChanges.map((c) => `agent ${c.agent} → {${c.divisions.join(',')}} at ${((c.at - t0) / 1000).toFixed(1)} s: ${c.lag == null ? 'never' : `${(c.lag / 1000).toFixed(1)} s`}`)),
+      },
+      {
         name: `liveness: a waiting room with a free agent gets its assign call within ${BOUND_MS / 1000} s`,
         ok: violations.length === 0,
         value: `${violations.length} violations (${lf.conditions} conditions seen, longest unexcused wait ${(lf.maxAgeMs / 1000).toFixed(2)} s)`,
@@ -1425,6 +1557,15 @@ export async function runChaos(opts: ChaosOptions = {}): Promise<ChaosReport> {
         countedExternal,
       },
       faults,
+      routing: {
+        ...routed,
+        ...membership,
+        routeChanges: routeVersions.length - 1,
+        membershipChanges: faults['division membership changed in Qiscus'] ?? 0,
+        divisions: Object.entries(DIVISIONS).map(
+          ([id, name]) => `${name} (${id}): agents ${sim!.agents().filter((a) => initialDivisions(a.id).includes(Number(id))).map((a) => a.id).join(', ')}`,
+        ),
+      },
       processes,
       liveness: {
         ...lf,
@@ -1523,6 +1664,22 @@ export function formatReport(r: ChaosReport): string {
   table(r.qiscus.assignCalls);
   out.push('faults injected');
   table(r.faults);
+  const ro = r.routing;
+  out.push('routing by division');
+  for (const d of ro.divisions) row(`  ${d.split(':')[0]!}`, d.split(': ')[1]!);
+  row('routes changed while rooms waited / membership changes in Qiscus', `${ro.routeChanges} / ${ro.membershipChanges}`);
+  const lagged = ro.membershipLagMs.filter((x): x is number => x !== null);
+  row(
+    'membership changes in the database after (max, of agents)',
+    `${lagged.length ? `${(Math.max(...lagged) / 1000).toFixed(1)} s` : '-'} (${lagged.length} of ${ro.membershipLagMs.length})`,
+  );
+  row('the database went back to an older membership', ro.membershipReverted.length);
+  for (const x of ro.membershipReverted.slice(0, 3)) out.push(`    ${x}`);
+  out.push('  reservations, by what allowed them:');
+  table(ro.reservations);
+  if (ro.violations.length) row('  NOT allowed by the route', ro.violations.length);
+  out.push('  assignments, by what allowed their reservation:');
+  table(ro.assigned);
   out.push('processes');
   for (const p of r.processes) row(p.name, `${p.alive ? 'alive' : 'DEAD'}, killed ${p.kills}, started ${p.starts}, error lines ${p.errorLines}`);
   const lv = r.liveness;

@@ -2,6 +2,14 @@
  * The chaos run's liveness watch: whenever a room is waiting and an agent who may serve it has a free slot, an
  * assignment of that room must start within the bound (1 s, plus a margin for sampling and scheduling).
  *
+ * "May serve" is routing by division (issue 13; routing.ts): the room's route, the first of the routes as the driver
+ * last committed them that matches its source and channel.id, names divisions, and the agent is in one of them;
+ * or no route matches; or the route's overflow time has passed (counted from the room's webhook 2xx, which comes
+ * after its queued_at: the allocator's overflow is never later). A room whose divisions have no free agent is no
+ * condition at all until it overflows. Membership is Qiscus's and the database's both (the allocator learns
+ * Qiscus's at a roster pull): while they disagree on whether the agent may serve the room, the condition is
+ * excused ("division membership not pulled yet", excuse 6); checking that pulls do bring it is routing.ts's.
+ *
  * It judges from OUTSIDE the allocator, by what Qiscus (the simulator) and the customers (the driver) see, and
  * by the assign calls as they leave the listeners (the tap, qiscus-tap.ts). Every SAMPLE_MS it computes:
  *
@@ -14,7 +22,8 @@
  *                       "a slot that may be taken counts as taken"), and the retry goes to that agent
  *                     − rooms Qiscus took off it by a resolution whose webhook has not had its 2xx yet (the
  *                       allocator cannot know yet; its count is right again the moment the webhook is stored);
- *   conditions      (room, agent) pairs: the room waits, the agent has a free slot and did not refuse the room.
+ *   conditions      (room, agent) pairs: the room waits, the agent has a free slot, may serve it (above) and did
+ *                   not refuse the room.
  *
  * A condition that lasts longer than BOUND_MS (1 s + 0.5 s for the 250 ms sampling and the scheduling of five
  * processes on a busy machine) outside the excused windows below is a violation: the run fails, naming the room,
@@ -62,6 +71,9 @@
  *      machine shared with other test suites (two cores for five service processes, PostgreSQL and the driver),
  *      and right after a PostgreSQL restart while it warms up. Counted and reported, so a run on a quiet machine
  *      shows none.
+ *   6. Division membership not pulled yet: Qiscus and the database (the watch's probe) disagree on whether the
+ *      agent is in one of the room's route's divisions. The allocator can only use what the last pull brought;
+ *      that a pull brings each change, and when, is judged apart (routing.ts, judgeMembership).
  *
  * The watch also gives the run's settle time (from the moment the traffic and the faults stop until no room waits
  * with a free agent, apart from rooms still inside their own backoff of excuse 3a) and the figures of the summary.
@@ -69,6 +81,7 @@
 import pg from 'pg';
 import type { Simulator } from '../../src/simulator/qiscus-simulator.ts';
 import type { QiscusTap, TapCall } from './qiscus-tap.ts';
+import { intersects, routeFor, type RouteRow } from './routing.ts';
 
 export const SAMPLE_MS = 250;
 /** Invariant 7's bound (1 s) plus the sampling and scheduling margin. */
@@ -100,7 +113,12 @@ export interface RoomView {
   acceptedAt: number | null;
   /** The agent Qiscus took the room off when it was resolved (while state is 'closing'). */
   closingFrom: number | null;
+  /** The webhook's `source` and `channel.id` (null: no channel), which its route is chosen by. */
+  source: string;
+  channel: number | null;
 }
+
+const MEMBERSHIP_EXCUSE = 'division membership not pulled yet (Qiscus and the database disagree)';
 
 export interface Violation {
   room: string;
@@ -138,6 +156,17 @@ export interface LivenessFigures {
   maxProbeMs: number;
   /** Rooms found waiting with a free agent whose session the database had ended as failed (gave up): not served. */
   gaveUp: string[];
+}
+
+interface ModelAgent {
+  load: number;
+  inflight: number;
+  held: number;
+  unreported: number;
+  free: number;
+  rooms: Set<string>;
+  /** Qiscus's divisions of the agent. */
+  divisions: number[];
 }
 
 interface Cond {
@@ -190,6 +219,8 @@ export class LivenessWatch {
   /** Rooms and agents of the calls in flight at a PostgreSQL stop or ended while it was down. */
   private pgCalls: { rooms: Set<string>; agents: Set<number> } | undefined;
   private attempts = new Map<string, number>();
+  /** Each agent's divisions as the database had them at the latest probe (null: not read yet). */
+  private dbDivisions: Map<number, number[]> | null = null;
   private lastSample = 0;
   private settleFrom: number | null = null;
   private settledAt: number | null = null;
@@ -232,6 +263,8 @@ export class LivenessWatch {
       listenersServing: () => number;
       /** The driver's state, for the report of a violation. */
       context?: () => string;
+      /** The routes as last committed (none: every room may go to any agent). */
+      routes?: () => readonly RouteRow[];
     },
   ) {
     this.probe = new pg.Pool({ connectionString: o.databaseUrl, max: 1, connectionTimeoutMillis: 5000 });
@@ -386,14 +419,32 @@ export class LivenessWatch {
     return this.undecidedByRoom.get(room) ?? 0;
   }
 
-  /** Free slots and waiting rooms as the watch sees them now (for the webhook→assign figure). */
-  freeSlotsAndWaiting(except?: string): { free: number; waiting: number } {
+  /**
+   * For the webhook→assign figure: the free slots of the agents who may serve room `id` now (Qiscus and the
+   * database agreeing), and the other waiting rooms any of them may serve.
+   */
+  freeSlotsAndWaiting(id: string): { free: number; waiting: number } {
     const now = Date.now();
     if (!this.cached || now - this.cached.at > 50) this.cached = { at: now, m: this.model(now) };
     const m = this.cached.m;
+    const room = this.o.room(id);
+    const servers = [...m.agents].filter(([a]) => !room || this.mayServe(room, a, m.agents.get(a)!, now) === 'yes');
     let free = 0;
-    for (const a of m.agents.values()) free += Math.max(0, a.free);
-    return { free, waiting: m.waiting.filter((r) => r.id !== except).length };
+    for (const [, a] of servers) free += Math.max(0, a.free);
+    const waiting = m.waiting.filter((r) => r.id !== id && servers.some(([a, x]) => this.mayServe(r, a, x, now) !== 'no'));
+    return { free, waiting: waiting.length };
+  }
+
+  /**
+   * May agent `id` serve room `r` now (see the header)? 'membership' when Qiscus and the database disagree on
+   * whether it is in one of the room's route's divisions (excuse 6).
+   */
+  private mayServe(r: RoomView, id: number, a: ModelAgent, now: number): 'yes' | 'no' | 'membership' {
+    const { route, overflowed } = this.routeOf(r, now);
+    if (!route || overflowed) return 'yes';
+    const inQiscus = intersects(route.division_ids, a.divisions);
+    const inDb = intersects(route.division_ids, this.dbDivisions?.get(id) ?? []);
+    return inQiscus && inDb ? 'yes' : inQiscus || inDb ? 'membership' : 'no';
   }
 
   // ---------------------------------------------------------------------------------------------------------------
@@ -440,13 +491,13 @@ export class LivenessWatch {
   }
 
   private model(now: number) {
-    const agents = new Map<number, { load: number; inflight: number; held: number; unreported: number; free: number; rooms: Set<string> }>();
+    const agents = new Map<number, ModelAgent>();
     const simAgents = this.o.sim.agents();
     for (const a of simAgents) {
       if (a.type_as_string !== 'agent' || !a.is_available || a.force_offline) continue;
       const rooms = new Set(a.rooms);
       const inflight = (this.openByAgent.get(a.id) ?? []).filter((c) => !rooms.has(c.room)).length;
-      agents.set(a.id, { load: rooms.size, inflight, held: 0, unreported: 0, free: 0, rooms });
+      agents.set(a.id, { load: rooms.size, inflight, held: 0, unreported: 0, free: 0, rooms, divisions: a.divisions });
     }
     const waiting: Array<RoomView & { st: ReturnType<LivenessWatch['roomState']> }> = [];
     for (const r of this.o.rooms()) {
@@ -516,6 +567,13 @@ export class LivenessWatch {
     return why;
   }
 
+  /** The room's route under the routes as last committed, and whether its overflow time has passed. */
+  private routeOf(r: RoomView, now: number): { route: RouteRow | undefined; overflowed: boolean } {
+    const route = routeFor(this.o.routes?.() ?? [], r.source, r.channel);
+    const o = route?.overflow_seconds ?? null;
+    return { route, overflowed: o !== null && r.acceptedAt !== null && now >= r.acceptedAt + o * 1000 };
+  }
+
   // ---------------------------------------------------------------------------------------------------------------
   // Sampling
   // ---------------------------------------------------------------------------------------------------------------
@@ -540,6 +598,8 @@ export class LivenessWatch {
     for (const r of m.waiting) {
       for (const [id, a] of m.agents) {
         if (a.free <= 0 || r.st.refused.has(id)) continue;
+        const may = this.mayServe(r, id, a, now);
+        if (may === 'no') continue;
         const key = `${r.id}#${r.sessions}|${id}`;
         seen.add(key);
         let c = this.conds.get(key);
@@ -549,6 +609,7 @@ export class LivenessWatch {
           this.figures.conditions++;
         }
         const why = this.excuses(now, r, id);
+        if (may === 'membership') why.push(MEMBERSHIP_EXCUSE);
         if (stalled) why.push('the chaos driver (simulator, tap) stalled');
         if (dbSlow && this.pgDownSince === null) why.push('the database (or the machine) did not answer within 0.5 s');
         if (!why.every((w) => w === "room's own backoff after a failed call") || why.length === 0) unexcusedBesidesBackoff++;
@@ -592,13 +653,15 @@ export class LivenessWatch {
     this.dbBusy = true;
     this.probeStart = Date.now();
     try {
-      const r = await this.probe.query<{ room_id: string | null; attempts: number | null; agent: string | null }>(
-        `select room_id, attempts, null::text as agent from allocator.sessions where state in ('waiting', 'reserved')
+      const r = await this.probe.query<{ room_id: string | null; attempts: number | null; agent: string | null; ambiguous: boolean; divisions: number[] | null }>(
+        `select room_id, attempts, null::text as agent, false as ambiguous, null::int[] as divisions
+         from allocator.sessions where state in ('waiting', 'reserved')
          union all
-         select null, null, id::text from allocator.agents where external_load > external_seen`,
+         select null, null, id::text, external_load > external_seen, division_ids::int[] from allocator.agents`,
       );
       this.attempts = new Map(r.rows.filter((x) => x.room_id !== null).map((x) => [x.room_id!, x.attempts!]));
-      this.declaredAmbiguous = new Set(r.rows.filter((x) => x.agent !== null).map((x) => Number(x.agent)));
+      this.declaredAmbiguous = new Set(r.rows.filter((x) => x.ambiguous).map((x) => Number(x.agent)));
+      this.dbDivisions = new Map(r.rows.filter((x) => x.agent !== null).map((x) => [Number(x.agent), x.divisions ?? []]));
     } catch {
       // PostgreSQL restarting: keep the last counts
     } finally {
@@ -612,7 +675,7 @@ export class LivenessWatch {
   private violation(
     r: RoomView & { st: ReturnType<LivenessWatch['roomState']> },
     agent: number,
-    a: { load: number; inflight: number; held: number; unreported: number; free: number },
+    a: ModelAgent,
     c: Cond,
     now: number,
   ): void {
@@ -621,6 +684,7 @@ export class LivenessWatch {
       .slice(-4)
       .map((x) => `${fmt(x.start)} → agent ${x.agent}: ${x.end === undefined ? 'in flight' : x.clientGone ? `cut after ${x.end - x.start} ms` : `${x.status} after ${x.end - x.start} ms`}`)
       .join('; ');
+    const { route, overflowed } = this.routeOf(r, now);
     const v: Violation = {
       room: r.id,
       agent,
@@ -628,7 +692,10 @@ export class LivenessWatch {
       ageMs: now - c.since,
       firstSeen: c.firstSeen,
       detectedAt: now,
-      counts: `capacity ${this.o.settings.capacity}, Qiscus shows ${a.load} rooms, ${a.inflight} calls in flight, ${a.held} held for a failed call, ${a.unreported} resolutions not yet delivered: ${a.free} free`,
+      counts:
+        `capacity ${this.o.settings.capacity}, Qiscus shows ${a.load} rooms, ${a.inflight} calls in flight, ${a.held} held for a failed call, ${a.unreported} resolutions not yet delivered: ${a.free} free; ` +
+        `room ${r.source}/${String(r.channel)}, route ${route ? `{${route.division_ids.join(',')}} overflow ${String(route.overflow_seconds)} s${overflowed ? ' (overflowed)' : ''}` : 'none'}; ` +
+        `agent in {${a.divisions.join(',')}} (database {${(this.dbDivisions?.get(agent) ?? []).join(',')}})`,
       calls: calls || 'no call this session',
       db: '(not read)',
       cause: 'unknown (database not read)',
