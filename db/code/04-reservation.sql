@@ -63,9 +63,10 @@ $$;
 -- be assigned now. The caller then calls Qiscus for each and reports back (confirm, fail_*, release_reservation;
 -- or report() for many) before the lease ends.
 -- Three steps, each a complete rule on its own: rooms holding a slot go back to their agent first (reserve_held);
--- then, without routes, a batch of free agents is paired with a batch of rooms in a few set-based statements
--- (reserve_batch: the fast path of a busy queue); then one room at a time (reserve_next), which finds whatever
--- the batch step could not pair (a room that must wait for its last agent, a route, an agent with two free slots).
+-- then a batch of free agents is paired with a batch of rooms in a few set-based statements (reserve_batch: the
+-- fast path of a busy queue); then one room at a time (reserve_next), which finds whatever the batch step could
+-- not pair (a room that must wait for its last agent, a room routed further down the queue, an agent's second
+-- free slot).
 create function allocator.reserve(owner integer default null, batch integer default 1)
 returns table (attempt_id bigint, session_id bigint, room_id text, agent_id bigint, attempt integer,
                lease_expires_at timestamptz)
@@ -95,7 +96,7 @@ begin
     exit when got = 0;
     taken := taken + 1;
   end loop;
-  if taken < batch and not exists (select from allocator.routes) then
+  if taken < batch then
     return query select * from allocator.reserve_batch(owner, batch - taken);
     get diagnostics got = row_count;
     taken := taken + got;
@@ -145,11 +146,12 @@ begin
 end;
 $$;
 
--- Up to `batch` assignments in a handful of statements, whatever the batch size, when no route is defined: the
--- best free agents (agent_preference, locked, each at most once) paired in order with the oldest rooms they may
--- take (takeable), locked, so that the oldest room goes to the best agent. Rooms and agents another reservation
--- holds right now are passed over (SKIP LOCKED), as in reserve_next; a room the batch cannot pair (it waits for
--- its last agent, or excludes every agent locked here) is left for reserve_next, which looks further.
+-- Up to `batch` assignments in a handful of statements, whatever the batch size: the best free agents
+-- (agent_preference, locked, each at most once) paired in order with the oldest rooms they may take (takeable,
+-- may_serve), locked, so that the oldest room goes to the best agent that may serve it. Rooms and agents another
+-- reservation holds right now are passed over (SKIP LOCKED), as in reserve_next; a room the batch cannot pair (it
+-- waits for its last agent, excludes the agents locked here, or is routed to none of them) is left for
+-- reserve_next, which looks further.
 create function allocator.reserve_batch(owner integer, batch integer)
 returns table (attempt_id bigint, session_id bigint, room_id text, agent_id bigint, attempt integer,
                lease_expires_at timestamptz)
@@ -157,7 +159,9 @@ language plpgsql
 as $$
 declare
   candidates bigint[];
-  agents     bigint[];
+  agents     allocator.agents[];
+  divisions  bigint[];
+  routing    boolean;
   rooms      allocator.sessions[];
   s          allocator.sessions;
   paired     bigint[] := '{}';  -- agent of each room in pair_rooms
@@ -172,7 +176,7 @@ begin
     return;
   end if;
   -- Lock the first `batch` that are still free on their latest version, in order of preference.
-  agents := array(select a.id
+  agents := array(select a
                   from unnest(candidates) with ordinality c(id, n)
                   join allocator.agents a on a.id = c.id
                   where allocator.can_take_room(a)
@@ -185,28 +189,77 @@ begin
   if cardinality(agents) = 0 then
     return;
   end if;
-  rooms := array(select q from allocator.sessions q
-                 where q.state = 'waiting' and not q.holds_slot and q.next_attempt_at <= now()
-                 order by q.priority desc, q.queued_at, q.id
-                 limit cardinality(agents)
-                 for no key update of q skip locked);
+
+  -- The rooms to pair, oldest first. Without routes: the head of the queue, as many as there are agents, locked
+  -- as they are read. With routes: the oldest among the head of the rooms for anyone, of each of these agents'
+  -- divisions, and of those routed to several divisions among them (each read from its own index, as in
+  -- reserve_next), so that rooms none of them may serve are neither walked over nor waited for; read unlocked,
+  -- and each locked only once an agent is found for it, so that no room is held that this batch cannot pair.
+  routing := exists (select from allocator.routes);
+  if not routing then
+    rooms := array(select q from allocator.sessions q
+                   where q.state = 'waiting' and not q.holds_slot and q.next_attempt_at <= now()
+                   order by q.priority desc, q.queued_at, q.id
+                   limit cardinality(agents)
+                   for no key update of q skip locked);
+  else
+    divisions := array(select distinct d from unnest(agents) x, unnest(x.division_ids) d);
+    rooms := array(
+      select q from allocator.sessions q
+      where q.id = any (array(
+              select c.id
+              from ((select q.id, q.priority, q.queued_at
+                     from allocator.sessions q
+                     where q.state = 'waiting' and q.division_ids is null and not q.holds_slot
+                       and q.next_attempt_at <= now()
+                     order by q.priority desc, q.queued_at, q.id
+                     limit 2 * batch)
+                    union all
+                    (select f.id, f.priority, f.queued_at
+                     from unnest(divisions) d(id)
+                     cross join lateral (select q.id, q.priority, q.queued_at
+                                         from allocator.sessions q
+                                         where q.state = 'waiting' and q.division_key = d.id and not q.holds_slot
+                                           and q.next_attempt_at <= now()
+                                         order by q.priority desc, q.queued_at, q.id
+                                         limit 2 * batch) f)
+                    union all
+                    (select q.id, q.priority, q.queued_at
+                     from allocator.sessions q
+                     where q.state = 'waiting' and q.division_ids is not null and q.division_key is null
+                       and q.division_ids && divisions and not q.holds_slot and q.next_attempt_at <= now()
+                     order by -q.priority, q.queued_at, q.id  -- no b-tree gives this order: the GIN index it is
+                     limit 2 * batch)) c
+              order by c.priority desc, c.queued_at, c.id
+              limit 2 * batch))
+      order by q.priority desc, q.queued_at, q.id);
+  end if;
+
   -- Pair in memory: each room, oldest first, with the best agent left that may take it.
   foreach s in array rooms loop
+    exit when cardinality(used) = cardinality(agents);
     choice := null;
-    if s.excluded_agents = '{}' and s.last_agent_id is null then
-      for i in 1 .. cardinality(agents) loop
-        if agents[i] <> all (used) then choice := agents[i]; exit; end if;
-      end loop;
-    else
-      for i in 1 .. cardinality(agents) loop
-        if agents[i] <> all (used) and allocator.takeable(s, agents[i]) then choice := agents[i]; exit; end if;
-      end loop;
+    for i in 1 .. cardinality(agents) loop
+      continue when agents[i].id = any (used)
+                 or not allocator.may_serve(s.division_ids, s.overflow_at, agents[i].division_ids);
+      if (s.excluded_agents = '{}' and s.last_agent_id is null) or allocator.takeable(s, agents[i].id) then
+        choice := agents[i].id;
+        exit;
+      end if;
+    end loop;
+    continue when choice is null;
+    if routing then
+      -- Read unlocked: lock it now, and pair it only if nothing the choice rests on has changed meanwhile.
+      select q.* into s from allocator.sessions q
+      where q.id = s.id and q.state = 'waiting' and not q.holds_slot and q.next_attempt_at <= now()
+        and q.division_ids is not distinct from s.division_ids and q.overflow_at is not distinct from s.overflow_at
+        and q.excluded_agents = s.excluded_agents and q.last_agent_id is not distinct from s.last_agent_id
+      for no key update of q skip locked;
+      continue when not found;
     end if;
-    if choice is not null then
-      used := used || choice;
-      pair_rooms := pair_rooms || s.id;
-      paired := paired || choice;
-    end if;
+    used := used || choice;
+    pair_rooms := pair_rooms || s.id;
+    paired := paired || choice;
   end loop;
   if cardinality(paired) = 0 then
     return;

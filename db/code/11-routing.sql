@@ -14,11 +14,14 @@
 --------------------------------------------------------------------------------------------------------------------
 
 -- May an agent in `agent_divisions` serve a room routed to `room_divisions` (null: any agent) that overflows to
--- anyone at `overflow_at` (null: never)? Inlined where it is used.
+-- anyone at `overflow_at` (null: never)? Never null (reserve_batch asks it outside a WHERE). Inlined where used.
 create function allocator.may_serve(room_divisions bigint[], overflow_at timestamptz, agent_divisions bigint[])
 returns boolean
 language sql stable
-as $$ select room_divisions is null or overflow_at <= now() or room_divisions && agent_divisions $$;
+as $$
+  select room_divisions is null or coalesce(overflow_at <= now(), false)
+      or coalesce(room_divisions && agent_divisions, false)
+$$;
 
 -- The route of a room: the divisions that may serve it and when it overflows to anyone; no row when no route
 -- matches (any agent). A webhook without `channel` matches only routes whose channel_id is null.

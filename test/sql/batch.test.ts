@@ -15,7 +15,7 @@ afterAll(async () => {
   await db.drop();
 });
 beforeEach(async () => {
-  await db.pool.query(`truncate allocator.agents, allocator.sessions, allocator.attempts, allocator.webhooks cascade`);
+  await db.pool.query(`truncate allocator.agents, allocator.sessions, allocator.attempts, allocator.webhooks, allocator.routes cascade`);
 });
 afterEach(async () => {
   expect(await invariants(db.pool)).toEqual([]);
@@ -96,12 +96,40 @@ describe('reserve(owner, batch): the set-based pairing', () => {
     expect(next.map((r) => `${r.room_id}:${r.agent_id}`)).toEqual(['r1:2']);
   });
 
-  it('ten callers reserving batches of 8 at once: never over capacity, never a room twice, and every slot filled with the oldest rooms', async () => {
+  it('with routes: each room to an agent of its divisions, a room nobody free may serve holds up nothing, overflow to anyone', async () => {
+    // Divisions 10 and 20; agent 3 is in both, agent 4 in none; one room each.
+    await addAgents(db.pool, [1, 2, 3, 4], { max_load: 1 });
+    await db.pool.query(`update allocator.agents set division_ids = case id when 1 then '{10}'::bigint[]
+                           when 2 then '{20}' when 3 then '{10,20}' else '{}' end`);
+    await db.pool.query(`insert into allocator.routes (channel_id, division_ids, overflow_seconds)
+                         values (10, '{10}', 3600), (20, '{20}', 3600), (30, '{30}', 3600)`);
+    const routed = (room: string, channel: number | null) =>
+      queue(db.pool, room, channel === null ? newRequest(room) : { ...newRequest(room), channel: { id: channel } });
+    await routed('r1', 20);
+    await routed('r2', 10);
+    await routed('r3', null);
+    await routed('r4', 30); // division 30 has nobody
+    await routed('r5', 10);
+    const rs = (await db.pool.query(`select room_id, agent_id from allocator.reserve(null, 8)`)).rows;
+    expect(rs.map((r) => `${r.room_id}:${r.agent_id}`)).toEqual(['r1:2', 'r2:1', 'r3:3']);
+    // r5 waits for a free agent of division 10; r4 for its overflow: agent 4 may serve neither yet.
+    const waiting = (await db.pool.query(`select room_id from allocator.queue order by position`)).rows;
+    expect(waiting.map((r) => r.room_id)).toEqual(['r4', 'r5']);
+    await db.pool.query(`update allocator.sessions set overflow_at = now() where room_id = 'r4'`);
+    const next = (await db.pool.query(`select room_id, agent_id from allocator.reserve(null, 8)`)).rows;
+    expect(next.map((r) => `${r.room_id}:${r.agent_id}`)).toEqual(['r4:4']);
+  });
+
+  it.each([
+    ['without routes', false],
+    ['with every other room routed to a division all agents are in', true],
+  ])('ten callers reserving batches of 8 at once, %s: never over capacity, never a room twice, and every slot filled with the oldest rooms', async (_, routed) => {
     const agents = Array.from({ length: 40 }, (_, i) => i + 1);
-    await addAgents(db.pool, agents);
+    await addAgents(db.pool, agents, { division_ids: '{7}' });
+    if (routed) await db.pool.query(`insert into allocator.routes (channel_id, division_ids) values (7, '{7}')`);
     const capacity = (await db.pool.query(`select allocator.default_max_load() as n`)).rows[0].n as number;
     const rooms = Array.from({ length: 40 * capacity + 20 }, (_, i) => `r${String(i + 1).padStart(3, '0')}`);
-    for (const r of rooms) await queue(db.pool, r);
+    for (const [i, r] of rooms.entries()) await queue(db.pool, r, i % 2 ? { ...newRequest(r), channel: { id: 7 } } : newRequest(r));
     const got: string[] = [];
     const started = Date.now();
     await Promise.all(
