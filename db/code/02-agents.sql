@@ -23,6 +23,17 @@ returns boolean
 language sql stable
 as $$ select a.accepting and a.total_load < allocator.capacity(a.max_load) $$;
 
+-- May an agent in `agent_divisions` serve a room routed to `room_divisions` (null: any agent) that overflows to
+-- anyone at `overflow_at` (null: never)? Never null (reserve_batch asks it outside a WHERE). Inlined where
+-- used. Routes themselves: 11-routing.sql.
+create function allocator.may_serve(room_divisions bigint[], overflow_at timestamptz, agent_divisions bigint[])
+returns boolean
+language sql stable
+as $$
+  select room_divisions is null or coalesce(overflow_at <= now(), false)
+      or coalesce(room_divisions && agent_divisions, false)
+$$;
+
 -- The largest capacity any agent has: the default or the biggest per-agent max_load (one probe of agents_max_load).
 -- (PL/pgSQL: it runs on every reservation, and a SQL function with a sub-select is planned anew on every call.)
 create function allocator.max_capacity()

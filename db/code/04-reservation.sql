@@ -3,9 +3,10 @@
 --------------------------------------------------------------------------------------------------------------------
 
 -- May agent `candidate` take waiting room `q` now, routes aside? Due (not backing off), not holding another
--- agent's slot, not refused by this agent, and not waiting to be retried with another agent that is free (after a
--- failure the call may in fact have reached Qiscus, so the retry goes to the same agent when it can: the repeat is
--- then harmless, not a second agent). Inlined into reserve_next's queries.
+-- agent's slot, not refused by this agent, and not waiting to be retried with another agent that is free and may
+-- serve it (after a failure the call may in fact have reached Qiscus, so the retry goes to the same agent when it
+-- can: the repeat is then harmless, not a second agent; when routes or membership changed meanwhile so that it may
+-- not serve the room any more, it cannot). Inlined into reserve_next's queries.
 create function allocator.takeable(q allocator.sessions, candidate bigint)
 returns boolean
 language sql stable
@@ -14,7 +15,9 @@ as $$
      and q.next_attempt_at <= now()
      and candidate <> all (q.excluded_agents)
      and (q.last_agent_id is null or q.last_agent_id = candidate
-          or not exists (select from allocator.eligible_agents e where e.id = q.last_agent_id))
+          or not exists (select from allocator.eligible_agents e
+                         where e.id = q.last_agent_id
+                           and allocator.may_serve(q.division_ids, q.overflow_at, e.division_ids)))
 $$;
 
 -- Rooms whose route's overflow time has passed may go to anyone from now on: they move to the queue for anyone

@@ -144,7 +144,7 @@ $$;
 -- so the listeners pull again at once instead of at the next AGENT_SYNC_SECONDS (invariant 9: evidence, not
 -- waiting). Rooms another free agent will take, and agents nobody waits for, are no reason to pull: a busy roster
 -- of thousands, where every pull runs during some call, would otherwise pull without end.
--- (PL/pgSQL: it runs every second, and may_serve is defined with routing, later.)
+-- (PL/pgSQL: it runs every second, and PL/pgSQL keeps its plans.)
 create function allocator.evidence_pull_due()
 returns boolean
 language plpgsql stable

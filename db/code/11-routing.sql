@@ -3,7 +3,7 @@
 -- (lowest position, then id) names the divisions whose agents may serve it, and after how long (overflow_seconds)
 -- any agent may. Each waiting room carries its answer (sessions.division_ids, overflow_at), set when it is queued
 -- and recomputed for every waiting room when the routes change; each agent carries its divisions
--- (agents.division_ids), set by the roster pull. may_serve() is the one rule that joins the two.
+-- (agents.division_ids), set by the roster pull. may_serve() (02-agents.sql) is the one rule that joins the two.
 --
 --   route WhatsApp to support (division 439), anyone after five minutes:
 --     insert into allocator.routes (source, division_ids, overflow_seconds) values ('wa', '{439}', 300);
@@ -12,16 +12,6 @@
 --   a division's queue:     select * from allocator.queue where division_ids @> '{439}';
 --   every division:         table allocator.division_queue;
 --------------------------------------------------------------------------------------------------------------------
-
--- May an agent in `agent_divisions` serve a room routed to `room_divisions` (null: any agent) that overflows to
--- anyone at `overflow_at` (null: never)? Never null (reserve_batch asks it outside a WHERE). Inlined where used.
-create function allocator.may_serve(room_divisions bigint[], overflow_at timestamptz, agent_divisions bigint[])
-returns boolean
-language sql stable
-as $$
-  select room_divisions is null or coalesce(overflow_at <= now(), false)
-      or coalesce(room_divisions && agent_divisions, false)
-$$;
 
 -- The route of a room: the divisions that may serve it and when it overflows to anyone; no row when no route
 -- matches (any agent). A webhook without `channel` matches only routes whose channel_id is null.
@@ -37,12 +27,15 @@ as $$
   limit 1
 $$;
 
--- A new session takes its route.
+-- A new session takes its route. The shared lock pairs with reroute_waiting's exclusive one (key 1367, 0): without
+-- it, a session inserted by a webhook whose transaction was still open when a change of routes committed kept the
+-- old route (it read the routes before the change, and the change's reroute could not see it yet).
 create function allocator.set_session_route()
 returns trigger
 language plpgsql
 as $$
 begin
+  perform pg_advisory_xact_lock_shared(1367, 0);
   select r.division_ids, r.overflow_at into new.division_ids, new.overflow_at
   from allocator.route_for(new.source, new.channel_id, new.queued_at) r;
   return new;
@@ -53,26 +46,57 @@ create trigger set_session_route
   before insert on allocator.sessions
   for each row execute function allocator.set_session_route();
 
--- A change of routes applies to every waiting room at once (an overflow time already passed too), and wakes the
--- listeners: a room may now go to agents that could not take it before.
+-- A change of routes applies to every open room not yet assigned (an overflow time already passed too): those
+-- waiting, and those reserved, which wait again if their call fails. It wakes the listeners: a room may now go to
+-- agents that could not take it before. It runs when the change commits (a deferred trigger), once per
+-- transaction, after the webhooks being written right then have committed (the exclusive lock waits for their
+-- shared ones, see set_session_route), so that it sees their rooms and they see the new routes: held only while
+-- the change commits, so a DBA's transaction left open does not hold up webhooks.
 create function allocator.reroute_waiting()
 returns trigger
 language plpgsql
 as $$
 begin
+  if current_setting('allocator.rerouted', true) = 'on' then
+    return null;
+  end if;
+  perform pg_advisory_xact_lock(1367, 0);
   update allocator.sessions s
   set division_ids = r.division_ids, overflow_at = r.overflow_at, updated_at = now()
   from allocator.sessions q
   left join lateral allocator.route_for(q.source, q.channel_id, q.queued_at) r on true
-  where q.state = 'waiting' and s.id = q.id
+  where q.state in ('waiting', 'reserved') and s.id = q.id
     and (s.division_ids, s.overflow_at) is distinct from (r.division_ids, r.overflow_at);
+  perform set_config('allocator.rerouted', 'on', true);
   perform pg_notify('allocator', 'room');
   return null;
 end;
 $$;
 
-create trigger reroute_waiting
+-- Every statement that changes the routes asks for a reroute at commit, even after one already ran in this
+-- transaction (SET CONSTRAINTS ... IMMEDIATE).
+create function allocator.routes_changed()
+returns trigger
+language plpgsql
+as $$
+begin
+  perform set_config('allocator.rerouted', 'off', true);
+  return null;
+end;
+$$;
+
+create trigger routes_changed
   after insert or update or delete or truncate on allocator.routes
+  for each statement execute function allocator.routes_changed();
+
+create constraint trigger reroute_waiting
+  after insert or update or delete on allocator.routes
+  deferrable initially deferred
+  for each row execute function allocator.reroute_waiting();
+
+-- TRUNCATE has no row trigger: reroute at once.
+create trigger reroute_truncated
+  after truncate on allocator.routes
   for each statement execute function allocator.reroute_waiting();
 
 -- Applies one complete pull of Qiscus's divisions (`divisions`: the `data` objects of every page, as one array) and

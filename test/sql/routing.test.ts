@@ -119,6 +119,53 @@ describe('routes', () => {
   });
 });
 
+describe('a change of routes racing the rooms', () => {
+  it('a room reserved while the routes change waits again, if its call fails, under the new route', async () => {
+    await addAgents(db.pool, [1, 2], { max_load: 5 });
+    await divisions({ [SALES]: [1], [SUPPORT]: [2] });
+    await db.pool.query(`insert into allocator.routes (source, division_ids) values ('wa', '{${SALES}}')`);
+    await room('w1', 'wa');
+    const r = (await db.pool.query(`select * from allocator.reserve()`)).rows[0];
+    expect(r.agent_id).toBe('1');
+    await db.pool.query(`update allocator.routes set division_ids = '{${SUPPORT}}'`);
+    await db.pool.query(`select allocator.fail_transient($1, 'HTTP 429', 0)`, [r.attempt_id]);
+    const s = (await db.pool.query(`select state, division_ids from allocator.sessions where room_id = 'w1'`)).rows[0];
+    expect(s).toEqual({ state: 'waiting', division_ids: [String(SUPPORT)] });
+    await db.pool.query(`update allocator.sessions set next_attempt_at = now() where room_id = 'w1'`);
+    expect(await assignAll()).toEqual(['w1→2']);
+  });
+
+  it('a webhook still being written when a change of routes commits gets the new route', async () => {
+    await addAgents(db.pool, [1, 2], { max_load: 5 });
+    await divisions({ [SALES]: [1], [SUPPORT]: [2] });
+    await db.pool.query(`insert into allocator.routes (source, division_ids) values ('wa', '{${SALES}}')`);
+    const webhook = await db.client();
+    const dba = await db.client();
+    try {
+      await webhook.query('begin');
+      await queue(webhook, 'w1', newRequest('w1', { source: 'wa' })); // read the routes: Sales
+      // The change commits while the webhook's transaction is open: it waits for it (a moment), then reroutes.
+      const change = dba.query(`update allocator.routes set division_ids = '{${SUPPORT}}'`);
+      const early = await Promise.race([change.then(() => 'committed'), new Promise((r) => setTimeout(() => r('waiting'), 300))]);
+      expect(early).toBe('waiting');
+      await webhook.query('commit');
+      await change;
+      const s = (await db.pool.query(`select division_ids from allocator.sessions where room_id = 'w1'`)).rows[0];
+      expect(s.division_ids).toEqual([String(SUPPORT)]);
+      // And a DBA's transaction left open holds up no webhook: the reroute runs when it commits.
+      await dba.query('begin');
+      await dba.query(`update allocator.routes set division_ids = '{${SALES}}'`);
+      await room('w2', 'wa'); // returns at once, with the routes still committed (Support)
+      await dba.query('commit');
+      const w = await db.pool.query(`select room_id, division_ids from allocator.sessions order by room_id`);
+      expect(w.rows.map((x) => x.division_ids)).toEqual([[String(SALES)], [String(SALES)]]);
+    } finally {
+      await webhook.end();
+      await dba.end();
+    }
+  });
+});
+
 describe('membership', () => {
   it('comes from the roster pull: an agent in two divisions, a change picked up at the next pull, views show it', async () => {
     await addAgents(db.pool, [1, 2], { max_load: 5 });
