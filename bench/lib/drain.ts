@@ -5,7 +5,7 @@
  *
  * Peers, each on a fresh clone of the migrated template:
  *   - listener(s): `src/listener/main.ts` as `npm run listener` runs it (LOG_LEVEL=warn, LISTENER_CONCURRENCY =
- *     BENCH_LISTENER_CONCURRENCY, default 8); the rooms are rows of allocator.sessions, the agents rows of
+ *     BENCH_LISTENER_CONCURRENCY, default the shipped 16); the rooms are rows of allocator.sessions, the agents rows of
  *     allocator.agents (the listener's roster pull at start finds them all unchanged).
  *   - graphile-worker (bench/lib/gw-worker.ts): the same 20,000 assign calls as jobs (room i → agent ⌈i/2⌉, the
  *     pairs need no choosing), queued with graphile_worker.add_jobs; its task POSTs assign_agent with fetch.
@@ -24,6 +24,7 @@
  */
 import path from 'node:path';
 import pg from 'pg';
+import { DEFAULT_LISTENER_CONCURRENCY } from '../../src/config/index.ts';
 import { runMigrations as gwMigrations, Logger as GwLogger } from 'graphile-worker';
 import type { Simulator } from '../../src/simulator/qiscus-simulator.ts';
 import { processTree, startCpu, type CpuReport } from './cpu.ts';
@@ -32,7 +33,7 @@ import type { BenchDatabase } from './db.ts';
 import { loggedPlans, logOffset, pgssReset, pgssTop, type LoggedPlan, type PgssRow } from './pgss.ts';
 import { root, spawnService, type Service } from './procs.ts';
 import type { BenchContext, Goal } from './results.ts';
-import { APP_ID, baseEnv, INSERT_AGENTS_SQL, SECRET_KEY, startSim } from './stack.ts';
+import { APP_ID, baseEnv, INSERT_AGENTS_SQL, INSERT_DIVISIONS_SQL, SECRET_KEY, startSim } from './stack.ts';
 import { envInt, round, Samples, sleep } from './stats.ts';
 
 
@@ -47,6 +48,9 @@ export interface DrainOptions {
   gwConcurrency: number;
   analyze: boolean;
   snapshot: boolean;
+  /** Routing (issue 13): this many divisions, a route per division by channel, four rooms in five routed (one
+   * per division in turn), the rest for anyone; every agent in one division, one in ten in two. 0: no routes. */
+  divisions: number;
   /** Give up after this long (the run is then reported as incomplete, with what was done). */
   timeoutMs: number;
 }
@@ -56,10 +60,11 @@ export function drainOptions(over: Partial<DrainOptions> = {}): DrainOptions {
   return {
     rooms,
     agents: envInt('BENCH_DRAIN_AGENTS', Math.ceil(rooms / 2)),
-    listenerConcurrency: envInt('BENCH_LISTENER_CONCURRENCY', 8),
+    listenerConcurrency: envInt('BENCH_LISTENER_CONCURRENCY', DEFAULT_LISTENER_CONCURRENCY),
     gwConcurrency: envInt('BENCH_GW_CONCURRENCY', 10),
     analyze: true,
     snapshot: false,
+    divisions: 0,
     timeoutMs: envInt('BENCH_DRAIN_TIMEOUT_SECONDS', 240) * 1000,
     ...over,
   };
@@ -125,10 +130,17 @@ const quietGwLogger = new GwLogger(() => () => {});
 async function prepare(c: pg.Client, db: BenchDatabase, peer: Peer, o: DrainOptions): Promise<void> {
   if (peer.kind === 'listener') {
     await c.query(INSERT_AGENTS_SQL, [1, o.agents]);
+    if (o.divisions > 0) {
+      await c.query(INSERT_DIVISIONS_SQL, [o.agents, o.divisions]);
+      await c.query(`insert into allocator.routes (channel_id, division_ids)
+                     select g, array[g] from generate_series(1, $1::int) g`, [o.divisions]);
+    }
     await c.query(
-      `insert into allocator.sessions (room_id, source, queued_at)
-       select (3000000000 + g)::text, 'qiscus', clock_timestamp() from generate_series(1, $1::int) g`,
-      [o.rooms],
+      `insert into allocator.sessions (room_id, source, channel_id, queued_at)
+       select (3000000000 + g)::text, 'qiscus', case when $2::int > 0 and g % 5 <> 0 then (g % $2::int) + 1 end,
+              clock_timestamp()
+       from generate_series(1, $1::int) g`,
+      [o.rooms, o.divisions],
     );
   } else {
     await gwMigrations({ connectionString: db.url, logger: quietGwLogger });
@@ -207,7 +219,7 @@ export async function drainRun(ctx: BenchContext, peer: Peer, o: DrainOptions, l
   const db = await ctx.server.createDatabase(label);
   const c = new pg.Client({ connectionString: db.url, application_name: 'allocator-bench' });
   await c.connect();
-  const sim = await startSim(o.agents);
+  const sim = await startSim(o.agents, peer.kind === 'listener' ? o.divisions : 0);
   let snap: pg.Client | null = null;
   let procs: Service[] = [];
   try {

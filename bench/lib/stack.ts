@@ -28,9 +28,36 @@ export function newRequestBody(roomId: string): string {
   });
 }
 
-function simAgents(n: number, firstId = 1): SimAgentInit[] {
-  return Array.from({ length: n }, (_, i) => ({ id: firstId + i, name: `Agent ${firstId + i}` }));
+function simAgents(n: number, firstId = 1, divisions = 0): SimAgentInit[] {
+  return Array.from({ length: n }, (_, i) => ({
+    id: firstId + i,
+    name: `Agent ${firstId + i}`,
+    ...(divisions > 0 ? { divisions: divisionsOf(firstId + i, divisions) } : {}),
+  }));
 }
+
+/** The teams of the routed benchmarks: agent `a` is in one of `n` divisions (1..n), one agent in ten in a second. */
+export function divisionsOf(a: number, n: number): number[] {
+  const first = ((a - 1) % n) + 1;
+  const second = ((a * 7 + 3) % n) + 1;
+  return a % 10 === 0 && second !== first ? [first, second] : [first];
+}
+
+/** The same divisions and memberships in SQL, set-based (as the roster pull would store them). */
+export const INSERT_DIVISIONS_SQL = `
+  with d as (insert into allocator.divisions (id, name)
+             select g, 'Division ' || g from generate_series(1, $2::int) g returning id),
+  m as (insert into allocator.agent_divisions (division_id, agent_id)
+        select x.division_id, a.id
+        from allocator.agents a,
+             lateral (select ((a.id - 1) % $2) + 1 as division_id
+                      union
+                      select ((a.id * 7 + 3) % $2) + 1 where a.id % 10 = 0) x
+        where a.id <= $1
+        returning agent_id, division_id)
+  update allocator.agents a set division_ids = m.ids
+  from (select agent_id, array_agg(division_id order by division_id) as ids from m group by agent_id) m
+  where a.id = m.agent_id`;
 
 /** The same agents in SQL, set-based (names and emails as the simulator lists them, so a sync changes nothing). */
 export const INSERT_AGENTS_SQL = `
@@ -39,8 +66,16 @@ export const INSERT_AGENTS_SQL = `
   from generate_series($1::bigint, $2::bigint) g
   on conflict (id) do nothing`;
 
-export async function startSim(agents: number): Promise<Simulator> {
-  return startSimulator({ appId: APP_ID, secretKey: SECRET_KEY, agents: simAgents(agents) });
+/** The simulator with `agents` agents and, if `divisions` > 0, that many divisions (see divisionsOf). */
+export async function startSim(agents: number, divisions = 0): Promise<Simulator> {
+  return startSimulator({
+    appId: APP_ID,
+    secretKey: SECRET_KEY,
+    agents: simAgents(agents, 1, divisions),
+    ...(divisions > 0
+      ? { divisions: Object.fromEntries(Array.from({ length: divisions }, (_, i) => [i + 1, `Division ${i + 1}`])) }
+      : {}),
+  });
 }
 
 export interface StackEnv {

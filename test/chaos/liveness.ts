@@ -79,6 +79,7 @@
  * with a free agent, apart from rooms still inside their own backoff of excuse 3a) and the figures of the summary.
  */
 import pg from 'pg';
+import { DEFAULT_LISTENER_CONCURRENCY } from '../../src/config/index.ts';
 import type { Simulator } from '../../src/simulator/qiscus-simulator.ts';
 import type { QiscusTap, TapCall } from './qiscus-tap.ts';
 import { intersects, routeFor, type RouteRow } from './routing.ts';
@@ -101,7 +102,7 @@ export const PULL_SLACK_MS = 1000;
 /** How far before a pull's request its start may lie on a loaded machine (for the database's own claim, below). */
 const PULL_WINDOW_MS = 5000;
 /** Calls in flight per listener: LISTENER_CONCURRENCY's default (the chaos run leaves it unset). */
-const LISTENER_CONCURRENCY = 8;
+const LISTENER_CONCURRENCY = DEFAULT_LISTENER_CONCURRENCY;
 
 /** What the watch needs to know of a customer's room (the driver's Room has these fields). */
 export interface RoomView {
