@@ -16,6 +16,19 @@ import { Model, SQL_RULES, type Reservation, type RosterEntry, type Rules, type 
 const AGENTS = [1, 2, 3, 4] as const;
 const ROOMS = 6;
 const SERVICES = [7, 8, 9] as const;
+const DIVISIONS = [10, 20, 30] as const;
+/**
+ * Where each room's customer writes from (the webhook's `source` and `channel.id`; a channel belongs to one
+ * source, and some webhooks have no channel): room r<n> is ROOM_CHANNELS[n - 1].
+ */
+const ROOM_CHANNELS: ReadonlyArray<{ source: string; channel: number | null }> = [
+  { source: 'wa', channel: 1 },
+  { source: 'wa', channel: 2 },
+  { source: 'wa', channel: null },
+  { source: 'qiscus', channel: 3 },
+  { source: 'qiscus', channel: null },
+  { source: 'line', channel: null },
+];
 
 export type RosterStatus = 'online' | 'away' | 'forced' | 'supervisor' | 'vanish';
 
@@ -50,7 +63,27 @@ export type Command =
   | { kind: 'defaultMaxLoad'; value: number }
   | { kind: 'agentMaxLoad'; agent: number; value: number | null }
   | { kind: 'pause'; agent: number; paused: boolean }
-  | { kind: 'maxAttempts'; value: number };
+  | { kind: 'maxAttempts'; value: number }
+  /** insert into allocator.routes: source and channel_id (null: any), division_ids, overflow_seconds = 3600 × hours. */
+  | ({ kind: 'addRoute' } & RouteFields)
+  /** update the pick-th route (by id) to these values. */
+  | ({ kind: 'changeRoute'; pick: number } & RouteFields)
+  | { kind: 'deleteRoute'; pick: number }
+  /**
+   * A complete pull of divisions: sync_divisions with division DIVISIONS[i] listed with agents members[i], or not
+   * listed at all (null: the division was deleted in Qiscus).
+   */
+  | { kind: 'divisions'; members: Array<number[] | null> }
+  /** An hour passes for the overflow of routes: every room's queued_at (and overflow_at) an hour earlier. */
+  | { kind: 'hourPasses' };
+
+export interface RouteFields {
+  source: string | null;
+  channel: number | null;
+  divisions: number[];
+  overflowHours: number | null;
+  position: number;
+}
 
 // ---------------------------------------------------------------------------------------------------------------
 // Arbitraries
@@ -113,9 +146,49 @@ const commandArb: fc.Arbitrary<Command> = fc.oneof(
   { weight: 1, arbitrary: rec({ kind: fc.constant('maxAttempts' as const), value: fc.integer({ min: 1, max: 4 }) }) },
 );
 
-/** A run: an initial roster (mostly online), then the commands. */
+const routeFields = {
+  source: fc.constantFrom(null, null, 'wa', 'qiscus'),
+  channel: fc.constantFrom(null, null, null, 1, 2, 3),
+  divisions: fc.subarray([...DIVISIONS], { minLength: 1, maxLength: 2 }),
+  // 0: overflowed at once; 1, 2: after one or two hourPasses; null: never
+  overflowHours: fc.constantFrom(null, null, 0, 1, 2),
+  position: fc.integer({ min: -1, max: 1 }),
+};
+
+const divisionsArb: fc.Arbitrary<Extract<Command, { kind: 'divisions' }>> = rec({
+  kind: fc.constant('divisions' as const),
+  members: fc.tuple(...DIVISIONS.map(() => fc.option(fc.subarray([...AGENTS]), { freq: 8 }))),
+});
+
+/** With routes and divisions: the commands above, and routes, membership and overflow times changing. */
+const routedCommandArb: fc.Arbitrary<Command> = fc.oneof(
+  { weight: 12, arbitrary: commandArb },
+  { weight: 1, arbitrary: rec({ kind: fc.constant('addRoute' as const), ...routeFields }) },
+  { weight: 1, arbitrary: rec({ kind: fc.constant('changeRoute' as const), pick, ...routeFields }) },
+  { weight: 1, arbitrary: rec({ kind: fc.constant('deleteRoute' as const), pick }) },
+  { weight: 1, arbitrary: divisionsArb },
+  { weight: 1, arbitrary: fc.constant({ kind: 'hourPasses' as const }) },
+);
+
+/**
+ * A run: an initial roster (mostly online), then the commands; two runs in three with routes: then the roster is
+ * followed by a pull of divisions and a route.
+ */
 export const scenarioArb = (maxCommands: number): fc.Arbitrary<Command[]> =>
-  fc.tuple(rosterArb(8), fc.array(commandArb, { minLength: 1, maxLength: maxCommands, size: 'max' })).map(([r, cs]) => [r, ...cs]);
+  fc.oneof(
+    fc.tuple(rosterArb(8), fc.array(commandArb, { minLength: 1, maxLength: maxCommands, size: 'max' })).map(([r, cs]) => [r, ...cs]),
+    fc
+      .tuple(
+        rosterArb(8),
+        divisionsArb,
+        rec({ kind: fc.constant('addRoute' as const), ...routeFields }),
+        fc.array(routedCommandArb, { minLength: 1, maxLength: maxCommands - 2, size: 'max' }),
+      )
+      .map(([r, d, route, cs]) => [r, d, route, ...cs]),
+    fc
+      .tuple(rosterArb(8), divisionsArb, fc.array(routedCommandArb, { minLength: 1, maxLength: maxCommands - 1, size: 'max' }))
+      .map(([r, d, cs]) => [r, d, ...cs]),
+  );
 
 // ---------------------------------------------------------------------------------------------------------------
 // The harness
@@ -135,7 +208,8 @@ const RUN_SETTINGS: Record<string, string> = {
 
 export async function resetDatabase(db: Db): Promise<void> {
   await db.query(
-    `truncate allocator.agents, allocator.sessions, allocator.attempts, allocator.webhooks restart identity cascade`,
+    `truncate allocator.agents, allocator.sessions, allocator.attempts, allocator.webhooks, allocator.routes,
+              allocator.divisions restart identity cascade`,
   );
   await db.query(
     `update allocator.settings s set value = d.value from jsonb_each_text($1::jsonb) d where s.key = d.key`,
@@ -153,16 +227,27 @@ type Webhook =
   | { kind: 'close'; room: string; service: number | null; by?: number | null };
 
 const num = (v: unknown): number | null => (v === null || v === undefined ? null : Number(v));
+const nums = (v: unknown): number[] | null => (v === null || v === undefined ? null : (v as unknown[]).map(Number));
 const roomName = (n: number) => `r${n}`;
 
+/** Room r<n>'s source and channel (ROOM_CHANNELS). */
+const channelOf = (room: string) => ROOM_CHANNELS[Number(room.slice(1)) - 1]!;
+
 function newRequestPayload(room: string, prior: number | null): Json {
-  return newRequest(room, { latest_service: prior === null ? null : { id: prior, room_id: room, is_resolved: true } });
+  const { source, channel } = channelOf(room);
+  return newRequest(room, {
+    latest_service: prior === null ? null : { id: prior, room_id: room, is_resolved: true },
+    source,
+    ...(channel === null ? {} : { channel: { id: channel, name: `channel ${channel}`, source } }),
+  });
 }
 
 function resolvedPayload(room: string, service: number | null, by: number | null): Json {
   const p = resolvedRequest(room) as { resolved_by: Record<string, unknown>; service: Record<string, unknown> };
   return { ...p, service: { ...p.service, id: service }, ...(by === null ? {} : { resolved_by: { ...p.resolved_by, id: by, type: 'agent' } }) };
 }
+
+const routeRow = (r: RouteFields) => [r.source, r.channel, r.divisions, r.overflowHours === null ? null : r.overflowHours * 3600, r.position];
 
 function format(cmd: Command): string {
   return JSON.stringify(cmd);
@@ -245,7 +330,7 @@ export class Harness {
     let model: WebhookResult;
     if (w.kind === 'new') {
       db = (await this.db.query(`select * from allocator.accept_new_request($1::jsonb, 'model')`, [newRequestPayload(w.room, w.prior)])).rows[0];
-      model = this.model.acceptNewRequest(w.room, w.prior);
+      model = this.model.acceptNewRequest(w.room, w.prior, channelOf(w.room).source, channelOf(w.room).channel);
     } else {
       db = (await this.db.query(`select * from allocator.accept_close_request($1::jsonb, 'model')`, [resolvedPayload(w.room, w.service, w.by ?? null)])).rows[0];
       model = this.model.acceptCloseRequest(w.room, w.service, w.by ?? null);
@@ -300,6 +385,14 @@ export class Harness {
               agentId: Number(row.agent_id), attempt: row.attempt as number }
           : null;
         this.same('reserve() result', got, expected);
+        // A routed room goes only to an agent of its divisions, until it overflows (not checked for the retry of a
+        // held room: that goes back to its agent, who may hold it already).
+        if (got && m.routes.length > 0 && !m.sessions[got.sessionId - 1]!.uncertain) {
+          const r = (await db.query(`select s.division_ids, allocator.may_serve(s.division_ids, s.overflow_at, a.division_ids) as ok
+                                       from allocator.sessions s join allocator.agents a on a.id = s.agent_id where s.id = $1`, [got.sessionId])).rows[0];
+          if (!r.ok) this.fail(`room ${got.room} went to agent ${got.agentId}, who may not serve it`, r, null);
+          this.count(r.division_ids === null ? 'reserve:unrouted' : 'reserve:routed');
+        }
         if (tied.length === 0) {
           const due = m.queue().filter((s) => m.due(s)).length;
           this.count(expected ? 'reserve:row' : due === 0 ? 'reserve:none(nothing due)' : 'reserve:none(no agent)');
@@ -386,6 +479,38 @@ export class Harness {
         await db.query(`update allocator.settings set value = $1 where key = 'max_attempts'`, [String(cmd.value)]);
         m.maxAttempts = cmd.value;
         return;
+      case 'addRoute': {
+        const { kind: _, ...r } = cmd;
+        const id = (await db.query(`insert into allocator.routes (source, channel_id, division_ids, overflow_seconds, position)
+                                    values ($1, $2, $3, $4, $5) returning id`, routeRow(r))).rows[0].id;
+        return this.same('the new route\'s id', Number(id), m.addRoute(r).id);
+      }
+      case 'changeRoute': {
+        const { kind: _, pick: p, ...r } = cmd;
+        const route = m.routes[p % Math.max(m.routes.length, 1)];
+        if (!route) return;
+        await db.query(`update allocator.routes set source = $1, channel_id = $2, division_ids = $3, overflow_seconds = $4,
+                          position = $5 where id = $6`, [...routeRow(r), route.id]);
+        return m.changeRoute(route.id, r);
+      }
+      case 'deleteRoute': {
+        const route = m.routes[cmd.pick % Math.max(m.routes.length, 1)];
+        if (!route) return;
+        await db.query(`delete from allocator.routes where id = $1`, [route.id]);
+        return m.deleteRoute(route.id);
+      }
+      case 'divisions': {
+        const listed = DIVISIONS.flatMap((d, i) => (cmd.members[i] ? [{ d, agents: cmd.members[i]! }] : []));
+        const n = (await db.query(`select allocator.sync_divisions($1::jsonb, $2::jsonb) as n`, [
+          JSON.stringify(listed.map(({ d }) => ({ id: d, name: `division ${d}` }))),
+          JSON.stringify(listed.map(({ d, agents }) => ({ division_id: d, agent_ids: agents }))),
+        ])).rows[0].n;
+        return this.same('sync_divisions() result', n, m.syncDivisions(new Map(listed.map(({ d, agents }) => [d, agents]))));
+      }
+      case 'hourPasses':
+        await db.query(`update allocator.sessions set queued_at = queued_at - interval '1 hour',
+                          overflow_at = overflow_at - interval '1 hour'`);
+        return m.hourPasses();
     }
   }
 
@@ -393,6 +518,9 @@ export class Harness {
    * Liveness (README, How it works: "Nothing waits for a clock when there is evidence"), after every step:
    * whenever a room is waiting and due, and an agent that may serve it has a free slot by Qiscus's count (ours +
    * by hand, as of the last roster pull), a reservation must come out now, not after some lease, hold or poll.
+   * "May serve": not refused by it, allowed by the room's route (may_serve: no route, overflowed, or a division
+   * in common), and, when the room's last try was with another agent that could take it now (eligible and may
+   * serve it), that agent only.
    * reserve() is called in a transaction that is rolled back, so the check changes nothing.
    */
   private async checkLiveness(): Promise<void> {
@@ -402,28 +530,28 @@ export class Harness {
     const pair = waiting
       .flatMap((s) => {
         if (s.holdsSlot) return m.online(m.agents.get(s.agentId!)) ? [{ s, a: s.agentId! }] : [];
-        const last = s.lastAgentId === null ? undefined : m.agents.get(s.lastAgentId);
         return agents
-          .filter((a) => m.eligible(a) && !s.excluded.includes(a.id))
-          .filter((a) => s.lastAgentId === null || a.id === s.lastAgentId || !m.eligible(last))
+          .filter((a) => m.eligible(a) && m.mayServe(s, a) && !s.excluded.includes(a.id) && m.notWaitingForLast(s, a))
           .map((a) => ({ s, a: a.id }));
       })
       .at(0);
     if (!pair) return;
     const c = this.db as pg.ClientBase;
-    // a rolled-back insert still uses up an id: put the attempts' sequence back, so later ids match the model
-    const seq = (await c.query(`select pg_get_serial_sequence('allocator.attempts', 'id') as s`)).rows[0].s;
-    const last = (await c.query(`select last_value, is_called from ${seq}`)).rows[0];
-    await c.query('begin');
+    // One round trip. A rolled-back insert still uses up an id: the attempts' sequence is put back to the last id
+    // (ids have no gaps: compare() checks them against the model), so later ids match the model.
+    const restore = `select setval(pg_get_serial_sequence('allocator.attempts', 'id'), coalesce(max(id), 1), max(id) is not null)
+                       from allocator.attempts`;
+    let results: pg.QueryResult[];
     try {
-      const row = (await c.query(`select room_id from allocator.reserve()`)).rows[0];
-      if (!row) {
-        this.fail(`liveness: room ${pair.s.room} waits while agent ${pair.a} may serve it, but reserve() gave nothing`,
-          null, { room: pair.s.room, agent: pair.a, loads: this.describe() });
-      }
-    } finally {
+      results = (await c.query(`begin; select room_id from allocator.reserve(); rollback; ${restore}`)) as unknown as pg.QueryResult[];
+    } catch (e) {
       await c.query('rollback');
-      await c.query(`select setval($1, $2, $3)`, [seq, last.last_value, last.is_called]);
+      await c.query(restore);
+      throw e;
+    }
+    if (!results[1]!.rows[0]) {
+      this.fail(`liveness: room ${pair.s.room} waits while agent ${pair.a} may serve it, but reserve() gave nothing`,
+        null, { room: pair.s.room, agent: pair.a, loads: this.describe() });
     }
     this.count('liveness:checked');
   }
@@ -434,12 +562,14 @@ export class Harness {
     const results = (await this.db.query(`
       select id, room_id, state::text, agent_id, attempt_id, attempts, excluded_agents, holds_slot, last_agent_id,
              prior_service_id, service_id, late_service_id, next_attempt_at <= now() as due, last_error,
+             source, channel_id, division_ids, extract(epoch from overflow_at - queued_at) / 3600 as overflow_hours,
+             overflow_at <= now() as overflowed,
              (state = 'reserved' or (state = 'resolved' and attempt_id is not null)) = (lease_expires_at is not null)
                as lease_ok
         from allocator.sessions order by id;
-      select room_id, retry_agent_id, session_id from allocator.queue order by position;
+      select room_id, retry_agent_id, session_id, division_ids from allocator.queue order by position;
       select a.id, a.type, a.is_available, a.force_offline, a.present, a.paused, a.max_load, a.our_load as load, a.external_load,
-             a.qiscus_load, l.available, l.load as total_load, l.capacity
+             a.qiscus_load, a.division_ids, l.available, l.load as total_load, l.capacity
         from allocator.agents a join allocator.agent_load l using (id) order by a.id;
       select id from allocator.agent_preference();
       select id, session_id, agent_id, number, outcome from allocator.attempts order by id;
@@ -453,9 +583,9 @@ export class Harness {
     for (const s of sessions) if (!s.lease_ok) this.fail('a reserved session (or one resolved while its call is in flight) has a lease, others none', s, null);
 
     this.same(
-      'allocator.queue (room, retry agent, session) in order',
-      queue.map((q) => [q.room_id, num(q.retry_agent_id), num(q.session_id)]),
-      m.queue().map((s) => [s.room, s.holdsSlot ? s.agentId : null, s.id]),
+      'allocator.queue (room, retry agent, session, divisions) in order',
+      queue.map((q) => [q.room_id, num(q.retry_agent_id), num(q.session_id), nums(q.division_ids)]),
+      m.queue().map((s) => [s.room, s.holdsSlot ? s.agentId : null, s.id, m.overflowed(s) ? null : s.divisionIds]),
     );
     this.same(
       'sessions',
@@ -464,6 +594,8 @@ export class Harness {
         attempts: s.attempts, excluded: (s.excluded_agents as string[]).map(Number), holdsSlot: s.holds_slot,
         lastAgentId: num(s.last_agent_id), prior: num(s.prior_service_id), serviceId: num(s.service_id),
         lateServiceId: num(s.late_service_id), due: s.state === 'waiting' ? s.due : null,
+        source: s.source, channel: num(s.channel_id), divisionIds: nums(s.division_ids), overflowHours: num(s.overflow_hours),
+        overflowed: s.overflowed ?? false,
         gaveUp: s.state !== 'failed' ? null
           : /^gave up after \d+ attempts/.test(s.last_error) ? 'attempts'
           : /^refused by every agent/.test(s.last_error) ? 'refused' : s.last_error,
@@ -472,6 +604,8 @@ export class Harness {
         id: s.id, room: s.room, state: s.state, agentId: s.agentId, attemptId: s.attemptId, attempts: s.attempts,
         excluded: s.excluded, holdsSlot: s.holdsSlot, lastAgentId: s.lastAgentId, prior: s.priorServiceId,
         serviceId: s.serviceId, lateServiceId: s.lateServiceId, due: s.state === 'waiting' ? m.due(s) : null,
+        source: s.source, channel: s.channel, divisionIds: s.divisionIds,
+        overflowHours: s.overflowAt === null ? null : s.overflowAt - s.queuedHour, overflowed: m.overflowed(s),
         gaveUp: s.state === 'failed' ? s.gaveUp : null,
       })),
     );
@@ -480,14 +614,14 @@ export class Harness {
       agents.map((a) => ({
         id: Number(a.id), type: a.type, isAvailable: a.is_available, forceOffline: a.force_offline, present: a.present,
         paused: a.paused, maxLoad: a.max_load, load: a.load, externalLoad: a.external_load, qiscusLoad: a.qiscus_load,
-        available: a.available, totalLoad: a.total_load, capacity: a.capacity,
+        divisions: nums(a.division_ids), available: a.available, totalLoad: a.total_load, capacity: a.capacity,
       })),
       [...m.agents.values()]
         .sort((x, y) => x.id - y.id)
         .map((a) => ({
           id: a.id, type: a.type, isAvailable: a.isAvailable, forceOffline: a.forceOffline, present: a.present,
           paused: a.paused, maxLoad: a.maxLoad, load: a.load, externalLoad: a.externalLoad, qiscusLoad: a.qiscusLoad,
-          available: a.type === 'agent' && a.present && a.isAvailable && !a.forceOffline && !a.paused,
+          divisions: a.divisions, available: a.type === 'agent' && a.present && a.isAvailable && !a.forceOffline && !a.paused,
           totalLoad: a.load + a.externalLoad, capacity: m.capacity(a),
         })),
     );

@@ -1,8 +1,10 @@
 /**
  * Model-based test of the SQL core: random sequences of webhooks (with duplicates), reservations and their
- * outcomes (current and stale), lease expiries, time passing, roster syncs, capacity changes and pauses, run
- * against PostgreSQL and against the reference model (model.ts). After every step the database must agree with
- * the model (who waits, in what order, who holds what) and the service's invariants must hold (commands.ts).
+ * outcomes (current and stale), lease expiries, time passing, roster syncs, capacity changes and pauses, and in
+ * two runs of three routing by division (routes added, changed and deleted, membership pulled, rooms from several
+ * sources and channels, overflow times passing), run against PostgreSQL and against the reference model
+ * (model.ts). After every step the database must agree with the model (who waits, in what order, with which
+ * divisions, who holds what) and the service's invariants must hold (commands.ts).
  *
  *   MODEL_RUNS=2000 MODEL_SEED=42 npx vitest run test/model/model.test.ts   # a longer or a replayed run
  *   MODEL_COMMANDS=100   # longer runs (default up to 60 commands after the initial roster)

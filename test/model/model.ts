@@ -8,7 +8,11 @@
  * Time: no wall clock. `now` is a logical clock that the harness advances by one per command (each command is
  * its own transaction in PostgreSQL, so its own `now()`). A backoff is "far in the future" (Infinity): the tests
  * set retry_base_seconds so high that no backoff ends during a run, and an explicit "time passes" command makes
- * every pending backoff due.
+ * every pending backoff due. Overflows of routes count in hours: `hour` goes up by one when the harness moves every
+ * room's queued_at (and overflow_at) an hour back; a run itself lasts far less than an hour.
+ *
+ * Routing (db/code/11-routing.sql): agents' divisions, routes, and on each room the answer of its route
+ * (divisionIds, overflowAt, kept on the room like the SQL's columns); mayServe() is the SQL's may_serve().
  *
  * `rules` chooses, for each known disagreement between the SQL and the product spec, which of the two the model follows
  * (see Rules below). Everything else is the SQL's behaviour, deliberately.
@@ -31,6 +35,17 @@ export interface Agent {
   pulledOurs: number; // our rooms the last sync subtracted
   qiscusLoad: number | null;
   lastAssignedAt: number | null; // logical time of the last slot taken
+  divisions: number[]; // agents.division_ids: sorted, as the last sync_divisions left them
+}
+
+/** A row of allocator.routes; `overflowHours` is overflow_seconds / 3600 (null: never). */
+export interface Route {
+  id: number;
+  source: string | null;
+  channel: number | null;
+  divisions: number[];
+  overflowHours: number | null;
+  position: number;
 }
 
 export interface Session {
@@ -49,6 +64,11 @@ export interface Session {
   nextAt: number; // logical time from which it may be reserved; Infinity while backing off
   gaveUp: 'attempts' | 'refused' | null; // why it failed: out of attempts, or refused by every agent
   lateServiceId: number | null; // the service a call that landed after the resolution opened (settleResolvedInFlight)
+  source: string;
+  channel: number | null;
+  queuedHour: number;
+  divisionIds: number[] | null; // its route's divisions (null: any agent); set until assigned, then kept
+  overflowAt: number | null; // hour from which any agent may serve it (null: never)
 }
 
 export interface Attempt {
@@ -123,6 +143,9 @@ export class Model {
   readonly agents = new Map<number, Agent>();
   readonly sessions: Session[] = []; // by id (id = index + 1)
   readonly attempts: Attempt[] = []; // by id (id = index + 1)
+  hour = 0;
+  routes: Route[] = []; // by id
+  private routeIds = 0;
 
   constructor(readonly rules: Rules = SQL_RULES) {}
 
@@ -158,6 +181,34 @@ export class Model {
           (x.lastAssignedAt ?? -Infinity) - (y.lastAssignedAt ?? -Infinity) ||
           x.id - y.id,
       );
+  }
+
+  /** may_serve(): the room has no route, or has overflowed, or shares a division with the agent. */
+  mayServe(s: Session, a: Agent): boolean {
+    return s.divisionIds === null || this.overflowed(s) || s.divisionIds.some((d) => a.divisions.includes(d));
+  }
+
+  overflowed(s: Session): boolean {
+    return s.overflowAt !== null && s.overflowAt <= this.hour;
+  }
+
+  /** route_for(): the first matching route by (position, id); null: none matches (any agent). */
+  routeFor(s: Session): { divisionIds: number[]; overflowAt: number | null } | null {
+    const r = [...this.routes]
+      .sort((x, y) => x.position - y.position || x.id - y.id)
+      .find((q) => (q.source === null || q.source === s.source) && (q.channel === null || q.channel === s.channel));
+    return r ? { divisionIds: r.divisions, overflowAt: r.overflowHours === null ? null : s.queuedHour + r.overflowHours } : null;
+  }
+
+  /**
+   * takeable()'s last clause: a room whose last try was with another agent (the call may have reached Qiscus)
+   * waits for that agent while it can take the room: eligible, and may serve it (routes or membership may have
+   * changed since).
+   */
+  notWaitingForLast(s: Session, a: Agent): boolean {
+    if (s.lastAgentId === null || s.lastAgentId === a.id) return true;
+    const last = this.agents.get(s.lastAgentId);
+    return !(this.eligible(last) && this.mayServe(s, last));
   }
 
   lastSession(room: string): Session | undefined {
@@ -199,8 +250,8 @@ export class Model {
   // ---------------------------------------------------------------------------------------------------------------
   // Webhooks
 
-  /** accept_new_request(payload with room_id, latest_service.id = prior). */
-  acceptNewRequest(room: string, prior: number | null): WebhookResult {
+  /** accept_new_request(payload with room_id, latest_service.id = prior, source, channel.id). */
+  acceptNewRequest(room: string, prior: number | null, source = 'qiscus', channel: number | null = null): WebhookResult {
     const last = this.lastSession(room);
     if (last?.state === 'waiting') return { outcome: 'already_queued', sessionId: last.id };
     if (last?.state === 'reserved' || last?.state === 'assigned') return { outcome: 'already_assigned', sessionId: last.id };
@@ -225,7 +276,13 @@ export class Model {
       nextAt: this.now,
       gaveUp: null,
       lateServiceId: null,
+      source,
+      channel,
+      queuedHour: this.hour,
+      divisionIds: null,
+      overflowAt: null,
     };
+    this.route(s);
     this.sessions.push(s);
     return { outcome: 'queued', sessionId: s.id };
   }
@@ -277,6 +334,8 @@ export class Model {
    */
   reserve(): Reservation | null {
     if (!this.sessions.some((s) => s.state === 'waiting' && this.due(s))) return null;
+    // overflow_due(): rooms whose overflow time passed go to the queue for anyone
+    for (const s of this.queue()) if (this.overflowed(s)) Object.assign(s, { divisionIds: null, overflowAt: null });
 
     // held rooms in (next_attempt_at, id) order: back to an online agent, or let go (then the next is looked at)
     for (let tied = this.heldCandidates(); tied.length > 0; tied = this.heldCandidates()) {
@@ -295,7 +354,8 @@ export class Model {
           !q.holdsSlot &&
           this.due(q) &&
           !q.excluded.includes(candidate.id) &&
-          (q.lastAgentId === null || q.lastAgentId === candidate.id || !this.eligible(this.agents.get(q.lastAgentId))),
+          this.mayServe(q, candidate) &&
+          this.notWaitingForLast(q, candidate),
       );
       if (!s) continue;
       candidate.load += 1; // take_slot
@@ -476,6 +536,7 @@ export class Model {
           paused: false, maxLoad: null, load: 0, externalLoad: ext, externalSeen: seen, pulledOurs: this.ours(e.id),
           qiscusLoad: e.count,
           lastAssignedAt: null,
+          divisions: [],
         });
         changed += 1;
         continue;
@@ -495,6 +556,56 @@ export class Model {
       for (const a of this.agents.values()) if (!listed.has(a.id)) a.present = false;
     }
     return changed;
+  }
+
+  /**
+   * sync_divisions(divisions, members): `members` maps each listed division to its agents; agents not in
+   * allocator.agents are left out. Returns how many agents' divisions changed.
+   */
+  syncDivisions(members: Map<number, number[]>): number {
+    let changed = 0;
+    for (const a of this.agents.values()) {
+      const divisions = [...members].filter(([, ids]) => ids.includes(a.id)).map(([d]) => d).sort((x, y) => x - y);
+      if (divisions.join() !== a.divisions.join()) changed += 1;
+      a.divisions = divisions;
+    }
+    return changed;
+  }
+
+  /** A new session takes its route (trigger set_session_route). */
+  private route(s: Session): void {
+    const r = this.routeFor(s);
+    s.divisionIds = r?.divisionIds ?? null;
+    s.overflowAt = r?.overflowAt ?? null;
+  }
+
+  /** insert into allocator.routes; then every room waiting or reserved takes its route anew (reroute_waiting). */
+  addRoute(r: Omit<Route, 'id'>): Route {
+    const route = { id: ++this.routeIds, ...r };
+    this.routes.push(route);
+    this.reroute();
+    return route;
+  }
+
+  /** update allocator.routes (every column but id) where id = `id`. */
+  changeRoute(id: number, r: Omit<Route, 'id'>): void {
+    const i = this.routes.findIndex((q) => q.id === id);
+    if (i >= 0) this.routes[i] = { id, ...r };
+    this.reroute();
+  }
+
+  deleteRoute(id: number): void {
+    this.routes = this.routes.filter((q) => q.id !== id);
+    this.reroute();
+  }
+
+  private reroute(): void {
+    for (const s of this.sessions) if (s.state === 'waiting' || s.state === 'reserved') this.route(s);
+  }
+
+  /** An hour passes for the rooms' overflow (queued_at and overflow_at an hour back). */
+  hourPasses(): void {
+    this.hour += 1;
   }
 
   setAgentMaxLoad(agentId: number, maxLoad: number | null): void {
