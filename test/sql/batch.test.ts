@@ -155,6 +155,20 @@ describe('reserve(owner, batch): the set-based pairing', () => {
   });
 });
 
+describe('the cost of a large batch when few rooms wait', () => {
+  it('reserving 16 places for the last room does not walk every free agent (buffers, the noise-free twin of time)', async () => {
+    await db.pool.query(`insert into allocator.agents (id, name) select g, 'agent ' || g from generate_series(1, 3000) g`);
+    await db.pool.query('analyze allocator.agents');
+    await queue(db.pool, 'last');
+    const plan = (await db.pool.query(`explain (analyze, buffers, format json) select * from allocator.reserve(null, 16)`)).rows[0]['QUERY PLAN'][0];
+    expect((await sessionOf(db.pool, 'last')).state).toBe('reserved');
+    const buffers = plan.Plan['Shared Hit Blocks'] + plan.Plan['Shared Read Blocks'];
+    // One batch and one probe: a few hundred pages at most. Walking the 3,000 free agents one by one (as the
+    // one-at-a-time step did, to find nothing) touched about ten per agent: 31,000.
+    expect(buffers).toBeLessThan(1000);
+  });
+});
+
 describe('plans that do not depend on the statistics', () => {
   it('reserve, report and the webhooks never scan sessions, attempts, agents or webhooks, even when their plans were made on tiny tables', async () => {
     const c = await db.client();
