@@ -359,6 +359,15 @@ begin
       order by q.priority desc, q.queued_at, q.id
       limit 1
       for no key update of q skip locked;
+      -- Nothing this agent may take: another agent may take only a room this one may not (one that refused this
+      -- agent, or waits for its own last agent). None such is due: nobody will find one, so stop here rather than
+      -- lock every free agent in turn (10,000 agents and one room another caller holds: 4 s).
+      if s.id is null and not exists (select from allocator.sessions q
+                                      where q.state = 'waiting' and q.next_attempt_at <= now() and not q.holds_slot
+                                        and (q.excluded_agents <> '{}' or q.last_agent_id is not null)) then
+        close candidates;
+        return;
+      end if;
     else
       skipped := '{}';
       loop

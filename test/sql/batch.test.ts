@@ -167,6 +167,34 @@ describe('the cost of a large batch when few rooms wait', () => {
     // one-at-a-time step did, to find nothing) touched about ten per agent: 31,000.
     expect(buffers).toBeLessThan(1000);
   });
+
+  it('a due room another caller holds costs no walk over the free agents; a retry that excludes agents still goes', async () => {
+    await db.pool.query(`insert into allocator.agents (id, name) select g, 'agent ' || g from generate_series(1, 3000) g`);
+    await db.pool.query('analyze allocator.agents');
+    await queue(db.pool, 'held');
+    const other = await db.client();
+    try {
+      await other.query('begin');
+      await other.query(`select id from allocator.sessions where room_id = 'held' for no key update`);
+      const buffersOf = async () => {
+        const plan = (await db.pool.query(`explain (analyze, buffers, format json) select * from allocator.reserve(null, 16)`)).rows[0]['QUERY PLAN'][0];
+        return plan.Plan['Shared Hit Blocks'] + plan.Plan['Shared Read Blocks'] as number;
+      };
+      expect(await buffersOf()).toBeLessThan(1000); // locking each of the 3,000 agents in turn: about 37,000
+      expect((await sessionOf(db.pool, 'held')).state).toBe('waiting');
+      // A room that refused the first 2,000 agents: the walk goes on past them to agent 2,001.
+      await queue(db.pool, 'picky');
+      await db.pool.query(`update allocator.sessions set excluded_agents = array(select generate_series(1, 2000)::bigint)
+                           where room_id = 'picky'`);
+      const r = (await db.pool.query(`select room_id, agent_id from allocator.reserve(null, 16)`)).rows;
+      expect(r).toEqual([{ room_id: 'picky', agent_id: '2001' }]);
+    } finally {
+      await other.query('rollback');
+      await other.end();
+    }
+    // Released: the room goes at the next call.
+    expect((await db.pool.query(`select room_id from allocator.reserve(null, 16)`)).rows).toEqual([{ room_id: 'held' }]);
+  });
 });
 
 describe('plans that do not depend on the statistics', () => {
