@@ -76,7 +76,8 @@
  *      that a pull brings each change, and when, is judged apart (routing.ts, judgeMembership).
  *
  * The watch also gives the run's settle time (from the moment the traffic and the faults stop until no room waits
- * with a free agent, apart from rooms still inside their own backoff of excuse 3a) and the figures of the summary.
+ * with a free agent, apart from rooms still inside their own backoff of excuse 3a and membership changes the next
+ * scheduled pull will bring, excuse 6) and the figures of the summary.
  */
 import pg from 'pg';
 import { DEFAULT_LISTENER_CONCURRENCY } from '../../src/config/index.ts';
@@ -120,6 +121,10 @@ export interface RoomView {
 }
 
 const MEMBERSHIP_EXCUSE = 'division membership not pulled yet (Qiscus and the database disagree)';
+/** Conditions that do not keep the run from having settled: a room inside its own backoff (3a), and a membership
+ * change Qiscus made that the next scheduled pull will bring (6: up to AGENT_SYNC_SECONDS, 30 s, after a change
+ * made as late as 15 s before the traffic stops; judged apart, within MEMBERSHIP_PICKUP_MS). */
+const SETTLED_DESPITE = new Set(["room's own backoff after a failed call", MEMBERSHIP_EXCUSE]);
 
 export interface Violation {
   room: string;
@@ -595,7 +600,7 @@ export class LivenessWatch {
 
     const m = this.model(now);
     const seen = new Set<string>();
-    let unexcusedBesidesBackoff = 0;
+    let unsettled = 0;
     for (const r of m.waiting) {
       for (const [id, a] of m.agents) {
         if (a.free <= 0 || r.st.refused.has(id)) continue;
@@ -613,7 +618,7 @@ export class LivenessWatch {
         if (may === 'membership') why.push(MEMBERSHIP_EXCUSE);
         if (stalled) why.push('the chaos driver (simulator, tap) stalled');
         if (dbSlow && this.pgDownSince === null) why.push('the database (or the machine) did not answer within 0.5 s');
-        if (!why.every((w) => w === "room's own backoff after a failed call") || why.length === 0) unexcusedBesidesBackoff++;
+        if (!why.every((w) => SETTLED_DESPITE.has(w)) || why.length === 0) unsettled++;
         if (why.length > 0) {
           const mine = this.roomExcuses.get(`${r.id}#${r.sessions}`) ?? new Set<string>();
           this.roomExcuses.set(`${r.id}#${r.sessions}`, mine);
@@ -642,7 +647,7 @@ export class LivenessWatch {
       if (!c.reported) this.figures.servedWithinBound++;
       this.conds.delete(key);
     }
-    if (this.settleFrom !== null && this.settledAt === null && now >= this.settleFrom && unexcusedBesidesBackoff === 0) {
+    if (this.settleFrom !== null && this.settledAt === null && now >= this.settleFrom && unsettled === 0) {
       this.settledAt = now;
     }
     void this.readAttempts();
