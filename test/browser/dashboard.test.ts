@@ -83,7 +83,7 @@ describe('the dashboard in Chromium', () => {
     await page.fill('#token', TOKEN);
     await page.click('button[type=submit]');
     await page.waitForURL(`${stack.webUrl}/dashboard`);
-    // The roster comes from the simulator within a sync (AGENT_SYNC_SECONDS=2) and the page updates by itself.
+    // The roster came from the simulator at the listener's start (its first pull) and the page updates by itself.
     await agentRow().getByText('online').waitFor({ timeout: 10_000 });
     const cookies = await context.cookies(`${stack.webUrl}/dashboard`);
     expect(cookies).toHaveLength(1);

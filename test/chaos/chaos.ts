@@ -3,8 +3,8 @@
  * `listener` — against an embedded PostgreSQL of its own, with the Qiscus simulator as Qiscus, all on loopback and
  * bounded in time, at the SHIPPED DEFAULTS: the settings table as migrated (lease 30 s, backoff from 2 s up to
  * 300 s, 8 attempts, outage after 5 failures, probe every 1 s; only default_max_load is written, to the same 2),
- * AGENT_SYNC_SECONDS 30, SWEEP_SECONDS 5 (passed explicitly: the test helpers elsewhere shorten them), and the
- * listener's own defaults (Qiscus timeout 10 s, 8 calls in flight). Nothing is shortened to make the checks pass.
+ * AGENT_SYNC_SECONDS 30, SWEEP_SECONDS 5 (passed explicitly: spawnProc passes the shell's environment on), and the
+ * listener's own defaults (Qiscus timeout 10 s, 16 calls in flight). Nothing is shortened to make the checks pass.
  *
  * While it runs:
  *   - customers: new rooms arrive steadily and in bursts; the allocation webhook is repeated (duplicate customer
@@ -435,8 +435,8 @@ export async function runChaos(opts: ChaosOptions = {}): Promise<ChaosReport> {
     // The listeners reach the simulator through the tap, which sees each assign call start and end.
     tap = await startQiscusTap(sim.url);
 
-    // The product's defaults, written out: spawnProc passes our environment on, and the test helpers elsewhere
-    // shorten the roster and sweep periods. QISCUS_TIMEOUT_MS (10 s) and LISTENER_CONCURRENCY (16) stay unset.
+    // The product's defaults, written out: spawnProc passes our environment on. QISCUS_TIMEOUT_MS (10 s) and
+    // LISTENER_CONCURRENCY (16) stay unset.
     const env = {
       DATABASE_URL: srv.url,
       QISCUS_BASE_URL: tap.url,

@@ -15,9 +15,9 @@ import { eventually, sleep, startStack, type Stack } from '../support/processes.
 import type { SimAgentInit, SimulatorOptions, Simulator } from '../../src/simulator/qiscus-simulator.ts';
 
 /**
- * The shipped defaults of the settings the liveness tests are about. startStack() shortens the roster and sweep
- * periods for the older tests (2 s, 1 s); these tests put them back: AGENT_SYNC_SECONDS 30, SWEEP_SECONDS 5.
- * QISCUS_TIMEOUT_MS (10 s), LISTENER_CONCURRENCY (16) and lease_seconds (30) are left at their defaults.
+ * The shipped defaults of the settings the liveness tests are about, written out (startStack() leaves them unset,
+ * which is the same): AGENT_SYNC_SECONDS 30, SWEEP_SECONDS 5. QISCUS_TIMEOUT_MS (10 s), LISTENER_CONCURRENCY (16)
+ * and lease_seconds (30) are left at their defaults.
  */
 export const SHIPPED_ENV = { AGENT_SYNC_SECONDS: '30', SWEEP_SECONDS: '5' } as const;
 

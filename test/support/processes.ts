@@ -96,8 +96,10 @@ export interface Stack {
 }
 
 /**
- * Simulator + one web process + `listeners` listener processes against `databaseUrl`.
- * `env` goes to every process (e.g. SWEEP_SECONDS, AGENT_SYNC_SECONDS, QISCUS_TIMEOUT_MS).
+ * Simulator + one web process + `listeners` listener processes against `databaseUrl`, at the shipped defaults
+ * (AGENT_SYNC_SECONDS 30, SWEEP_SECONDS 5, QISCUS_TIMEOUT_MS 10 s: src/config/index.ts), as a user gets them.
+ * `env` goes to every process: a test shortens a period there only when that period is what it is about, and
+ * says so.
  */
 export async function startStack(opts: {
   databaseUrl: string;
@@ -114,8 +116,10 @@ export async function startStack(opts: {
     QISCUS_BASE_URL: sim.url,
     QISCUS_APP_ID: APP_ID,
     QISCUS_SECRET_KEY: SECRET_KEY,
-    AGENT_SYNC_SECONDS: '2',
-    SWEEP_SECONDS: '1',
+    // unset (not inherited from the shell running the tests): the processes take the shipped defaults
+    AGENT_SYNC_SECONDS: undefined,
+    SWEEP_SECONDS: undefined,
+    QISCUS_TIMEOUT_MS: undefined,
     METRICS_PORT: '0',
     ...opts.env,
   };
