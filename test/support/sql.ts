@@ -68,3 +68,15 @@ export async function loads(db: Q): Promise<Record<string, number>> {
   const r = await db.query(`select id, load from allocator.agent_load`);
   return Object.fromEntries(r.rows.map((x) => [x.id, x.load]));
 }
+
+/**
+ * A listener's presence (src/listener/presence.ts): a connection of its own holding the advisory lock of a fresh
+ * listener id. Reserve under `id`; end `client` and that listener is dead: rescue_abandoned() puts its
+ * reservations back at once, whatever the lease.
+ */
+export async function listenerPresence(db: { client(): Promise<pg.Client> }): Promise<{ id: number; client: pg.Client }> {
+  const client = await db.client();
+  const id = (await client.query(`select nextval('allocator.listener_ids')::int as id`)).rows[0].id;
+  await client.query(`select pg_advisory_lock(1365, $1)`, [id]);
+  return { id, client };
+}
