@@ -168,7 +168,7 @@ describe('docker-compose.yml', () => {
         ...REQUIRED,
         QISCUS_BASE_URL: 'http://simulator:3900',
         WEBHOOK_SECRET: 'w-s',
-        AGENT_SYNC_SECONDS: '5',
+        AGENT_SYNC_SECONDS: '5', // not the default (30), to see it passed through: nothing runs here
         LOG_LEVEL: 'debug',
       }).services.listener!,
     );
