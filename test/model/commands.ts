@@ -195,13 +195,15 @@ export const scenarioArb = (maxCommands: number): fc.Arbitrary<Command[]> =>
 
 type Db = pg.ClientBase | pg.Pool;
 
-/** Settings of every run: no backoff ends by itself (see timePasses), and leases do not run out by themselves. */
+/** Settings of every run: no backoff ends by itself (see timePasses), and leases do not run out by themselves.
+ * Lengthened on purpose, not shortened: the model has no wall clock, time passes only by its commands (timePasses,
+ * leaseExpires); at the shipped lease (30 s) and backoff (from 2 s) one could end on its own mid-run, unseen by it. */
 const RUN_SETTINGS: Record<string, string> = {
   default_max_load: '1', // 4 agents, 6 rooms: rooms wait for a free agent
   lease_seconds: '3600',
   retry_base_seconds: '3600',
   retry_max_seconds: '100000',
-  max_attempts: '3',
+  max_attempts: '3', // shipped 8: a run of a few dozen commands then reaches "failed" too
   // Outages of Qiscus pace calls by wall-clock time (one probe a second): tested in test/sql/liveness.test.ts.
   outage_failures: '1000000',
 };
