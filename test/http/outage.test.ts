@@ -80,9 +80,14 @@ describe('database outage', () => {
   });
 
   it('when it returns, the app recovers and what was committed is still there', async () => {
+    // Bound: the Retry-After the 503s carry (5 s): the first retry a client makes after the database is back must
+    // succeed. (The pool opens connections on demand, so in practice the first request does.)
+    const RECOVERY_MS = 5_000;
     await srv.start();
-    const r = await until(() => post(app.url + NEW, newRequest('777')), (x) => x.status === 200);
+    const back = Date.now();
+    const r = await until(() => post(app.url + NEW, newRequest('777')), (x) => x.status === 200, RECOVERY_MS);
     expect(r.status).toBe(200);
+    expect(Date.now() - back).toBeLessThan(RECOVERY_MS);
     expect(r.json.outcome).toBe('already_queued'); // the webhook answered before the outage was durable
     expect((await post(app.url + CLOSE, resolvedRequest('777'))).json.outcome).toBe('resolved');
     const ready200 = await get(app.url + '/readyz');
