@@ -97,3 +97,53 @@ begin
   return null;
 end;
 $$;
+
+--------------------------------------------------------------------------------------------------------------------
+-- Heads. While an old snapshot lives (a DBA's transaction left open, a long report, a replica with
+-- hot_standby_feedback), no row version changed since can be cleaned, nor its index entries: a scan from the start
+-- of the queue or of the free agents walked past every room served and every agent's earlier load, and the next
+-- room cost more with each one served (a cold drain under a held snapshot fell from 478 to 75 rooms/s). So those
+-- two scans start from a head: a position in the index before which no live entry lies, kept in a sequence, where
+-- setval() is not transactional: every session sees a move at once, a rollback does not undo it, and no dead row
+-- versions pile up behind it. Two rules keep a head true:
+--   up:   only to the first live entry, found by a scan from the head (what it walks, it walks once rather than on
+--         every reservation), and only while no writer that could put an entry behind it is in a transaction:
+--         such writers hold the head's lock shared until they commit; the mover tries it exclusively (never
+--         waits) and leaves the head where it is when it cannot have it (advance_queue_head, advance_agent_head);
+--   down: whoever puts a live entry behind the head (a webhook whose transaction began before the last move, an
+--         agent's load going down, a priority removed, a DBA's edit) moves the head back to it (lower_head), in
+--         the same transaction, before anyone can see the entry.
+-- A head too low costs a longer walk, once; a head too high would hide a room or an agent, so every way an entry
+-- can appear behind it goes through the second rule (queue_head_behind, agent_head_behind). Locks: key (1367, 0)
+-- for the queue (the intake lock: every new session takes it), (1367, 2) for the agents, (1367, 3) for a move back.
+--------------------------------------------------------------------------------------------------------------------
+
+-- The head's position (0 until it first moves).
+create function allocator.head_position(head regclass)
+returns bigint
+language sql stable
+as $$ select coalesce(pg_sequence_last_value(head), 0) $$;
+
+-- Moves `head` back to `target` if it is further on. The caller holds the head's lock shared, so no move up runs
+-- until it commits; and moves back run one at a time, so that two cannot cross (a session lock, held for three
+-- statements: released even on error, as a session lock would otherwise outlive it).
+create function allocator.lower_head(head regclass, target bigint)
+returns void
+language plpgsql
+as $$
+begin
+  if target >= allocator.head_position(head) then
+    return;
+  end if;
+  perform pg_advisory_lock(1367, 3);
+  begin
+    if target < allocator.head_position(head) then
+      perform setval(head, greatest(target, 0));
+    end if;
+    perform pg_advisory_unlock(1367, 3);
+  exception when others or query_canceled then
+    perform pg_advisory_unlock(1367, 3);
+    raise;
+  end;
+end;
+$$;

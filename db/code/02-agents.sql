@@ -97,26 +97,114 @@ create view allocator.eligible_agents as
   where allocator.can_take_room(a);
 comment on view allocator.eligible_agents is 'Agents online, not paused, and below capacity: who can take a room now.';
 
--- The rule for choosing agents: the agents that may take a room now, best first. A DBA may replace it with
--- CREATE OR REPLACE FUNCTION (same signature) to route differently; `npm run migrate` keeps a replaced rule (see
--- src/db/migrate.ts). Whatever it returns, reserve() still locks each agent and takes the slot through the guarded
--- update, so a replaced rule can prefer badly but can never overload an agent or wake one that is offline. Keep it
--- one STABLE SQL SELECT: PostgreSQL then inlines it into reserve()'s query and reads only the first rows from an
--- index.
--- Default: fewest open rooms first (ours and those assigned by hand), then the agent idle longest.
--- The second bound on load is redundant for correctness; it turns the walk of agents_accepting_by_load into a
--- range that ends at the first load nobody can carry, so with every agent full the scan stops at once instead of
--- reading all online agents.
-create function allocator.agent_preference()
+-- An agent's place in the default order of agent_preference(), as one number: total_load, then last_assigned_at
+-- to the millisecond (never assigned: first). The agent head (see "Heads" in 00-basics.sql) is such a number: no
+-- agent that may take a room comes before it. Written exactly as the index agents_accepting_by_load (migration
+-- 7), which the planner matches once this is inlined.
+create function allocator.agent_position(total_load integer, last_assigned_at timestamptz)
+returns bigint
+language sql immutable
+as $$
+  select (total_load::bigint << 40)
+         + coalesce(least(greatest(floor(extract(epoch from last_assigned_at - timestamptz '2000-01-01 00:00:00+00') * 1000),
+                                   0),
+                          1099511627775)::bigint,
+                    0)
+$$;
+
+-- The agents that may take a room now, fewest open rooms first (ours and those assigned by hand), then the agent
+-- idle longest (assigned in the same millisecond: by id): the default rule of agent_preference(). The scan starts
+-- at the agent head, past the entries of agents' earlier loads that an old snapshot keeps. The upper bound is
+-- redundant for correctness; it turns the walk of agents_accepting_by_load into a range that ends at the first
+-- load nobody can carry, so with every agent full the scan stops at once instead of reading all online agents.
+create function allocator.agents_by_load()
 returns setof allocator.agents
 language sql stable
 as $$
   select a.*
   from allocator.agents a
   where allocator.can_take_room(a)
-    and a.total_load < (select allocator.max_capacity())
-  order by a.total_load, a.last_assigned_at nulls first, a.id
+    and allocator.agent_position(a.total_load, a.last_assigned_at)
+        >= (select allocator.head_position('allocator.agent_head'))
+    and allocator.agent_position(a.total_load, a.last_assigned_at) < (select allocator.max_capacity())::bigint << 40
+  order by allocator.agent_position(a.total_load, a.last_assigned_at), a.id
 $$;
+
+-- The rule for choosing agents: the agents that may take a room now, best first. A DBA may replace it with
+-- CREATE OR REPLACE FUNCTION (same signature) to route differently; `npm run migrate` keeps a replaced rule (see
+-- src/db/migrate.ts). Whatever it returns, reserve() still locks each agent and takes the slot through the guarded
+-- update, so a replaced rule can prefer badly but can never overload an agent or wake one that is offline. Keep it
+-- one STABLE SQL SELECT: PostgreSQL then inlines it into reserve()'s query and reads only the first rows from an
+-- index. Default: agents_by_load(), above.
+create function allocator.agent_preference()
+returns setof allocator.agents
+language sql stable
+as $$ select * from allocator.agents_by_load() $$;
+
+-- Moves the agent head up to the first agent that may take a room: the entries of agents' earlier loads passed
+-- since the last move are walked once here instead of by every reservation. A reservation only moves an agent
+-- further on (its load goes up); whoever may move one back (a load going down, an agent back online or unpaused,
+-- a capacity raised, a new agent) holds the agent head's lock (1367, 2) shared until it commits
+-- (agent_head_behind): tried exclusively, so that the next statement's snapshot sees every such change. When no
+-- agent may take a room, the head stays. Called at the start of every reserve().
+create function allocator.advance_agent_head()
+returns void
+language plpgsql
+as $$
+declare
+  front bigint;
+begin
+  if current_setting('transaction_isolation') <> 'read committed' or not pg_try_advisory_lock(1367, 2) then
+    return;
+  end if;
+  begin
+    front := (select allocator.agent_position(p.total_load, p.last_assigned_at)
+              from allocator.agents_by_load() p limit 1);
+    if front > allocator.head_position('allocator.agent_head') then
+      perform setval('allocator.agent_head', front);
+    end if;
+    perform pg_advisory_unlock(1367, 2);
+  exception when others or query_canceled then
+    perform pg_advisory_unlock(1367, 2);  -- a session lock outlives the error
+    raise;
+  end;
+end;
+$$;
+
+-- An agent that may now come before the agent head moves it back (see advance_agent_head). From an AFTER trigger:
+-- it sees the generated total_load and accepting of the new row.
+create function allocator.agent_head_behind()
+returns trigger
+language plpgsql
+as $$
+begin
+  perform pg_advisory_xact_lock_shared(1367, 2);
+  if tg_table_name = 'settings' then
+    perform allocator.lower_head('allocator.agent_head', 0);  -- every agent's capacity may have changed
+  else
+    perform allocator.lower_head('allocator.agent_head', allocator.agent_position(new.total_load, new.last_assigned_at));
+  end if;
+  return null;
+end;
+$$;
+
+create trigger agent_head_behind_new
+  after insert on allocator.agents
+  for each row when (new.accepting)
+  execute function allocator.agent_head_behind();
+
+create trigger agent_head_behind
+  after update on allocator.agents
+  for each row
+  when (new.accepting
+        and (not old.accepting or new.total_load < old.total_load or new.max_load is distinct from old.max_load
+             or coalesce(new.last_assigned_at, '-infinity') < coalesce(old.last_assigned_at, '-infinity')))
+  execute function allocator.agent_head_behind();
+
+create trigger agent_head_behind_settings
+  after insert or update or delete or truncate on allocator.settings
+  for each statement
+  execute function allocator.agent_head_behind();
 
 -- Fires when an agent may have gained a free slot or new rooms to serve: a new agent, load down, capacity changed,
 -- back online or unpaused, divisions changed. Not on load going up: a reservation is no news, and NOTIFY

@@ -61,16 +61,148 @@ begin
 end;
 $$;
 
--- Is any waiting room due (not backing off)? The usual idle state answers from one probe of sessions_due. Written
--- as min(), not EXISTS: with a long queue the planner would turn the EXISTS into a sequential scan that reads the
--- whole history. (PL/pgSQL: it keeps its plan.)
+-- The queue head (see "Heads" in 00-basics.sql): no fresh room (never reserved, priority 0: nearly every room)
+-- waits with queued_at before it. Scans of fresh rooms start there, not at the start of the queue where the rooms
+-- served since lie; rooms reserved before (retries keep their place) and rooms with a priority are the rest of the
+-- queue: few, in an index of their own (sessions_queue_rest). In microseconds since the epoch.
+create function allocator.queue_position(queued_at timestamptz)
+returns bigint
+language sql immutable
+as $$ select (extract(epoch from queued_at) * 1000000)::bigint $$;
+
+create function allocator.queue_head()
+returns timestamptz
+language plpgsql stable  -- PL/pgSQL: it keeps its plan
+as $$
+begin
+  return timestamptz 'epoch' + allocator.head_position('allocator.queue_head') * interval '1 microsecond';
+end;
+$$;
+
+-- Moves the queue head up to the oldest fresh room, or to now when none waits: the rooms served since the last
+-- move are walked once here instead of by every reservation. Every new session holds the intake lock (1367, 0)
+-- shared until it commits (queue_head_behind): tried exclusively, so that the next statement's snapshot sees every
+-- fresh room there is. Called at the start of every reserve().
+create function allocator.advance_queue_head()
+returns void
+language plpgsql
+as $$
+declare
+  front timestamptz;
+begin
+  -- A snapshot taken before the lock (REPEATABLE READ) would miss rooms committed just before it.
+  if current_setting('transaction_isolation') <> 'read committed' or not pg_try_advisory_lock(1367, 0) then
+    return;
+  end if;
+  begin
+    front := coalesce((select q.queued_at from allocator.sessions q
+                       where q.state = 'waiting' and q.priority = 0 and q.reserved_at is null
+                         and q.queued_at >= allocator.queue_head()
+                       order by q.priority desc, q.queued_at, q.id
+                       limit 1),
+                      clock_timestamp());
+    if allocator.queue_position(front) > allocator.head_position('allocator.queue_head') then
+      perform setval('allocator.queue_head', allocator.queue_position(front));
+    end if;
+    perform pg_advisory_unlock(1367, 0);
+  exception when others or query_canceled then
+    perform pg_advisory_unlock(1367, 0);  -- a session lock outlives the error: never leave intake blocked
+    raise;
+  end;
+end;
+$$;
+
+-- A fresh room queued behind the head moves it back: a webhook whose transaction began before the last move
+-- (queued_at is the transaction's start), a room whose priority was removed, one a DBA moved forward. Takes the
+-- intake lock shared (see advance_queue_head). Rare: the usual new room is queued after the head.
+create function allocator.queue_head_behind()
+returns trigger
+language plpgsql
+as $$
+begin
+  perform pg_advisory_xact_lock_shared(1367, 0);
+  perform allocator.lower_head('allocator.queue_head', allocator.queue_position(new.queued_at));
+  return new;
+end;
+$$;
+
+create trigger queue_head_behind_new
+  before insert on allocator.sessions
+  for each row when (new.state = 'waiting' and new.reserved_at is null)
+  execute function allocator.queue_head_behind();
+
+create trigger queue_head_behind
+  before update of state, reserved_at, priority, queued_at on allocator.sessions
+  for each row
+  when (new.state = 'waiting' and new.reserved_at is null and new.priority = 0
+        and (old.state <> 'waiting' or old.reserved_at is not null or old.priority <> 0
+             or new.queued_at < old.queued_at))
+  execute function allocator.queue_head_behind();
+
+-- Is any waiting room due (not backing off)? A fresh room after the head, or a due room of the rest: two probes.
+-- (PL/pgSQL: it keeps its plans. Each written to read one index from its start: with a long queue the planner
+-- would turn an EXISTS into a sequential scan that reads the whole history.)
 create function allocator.room_due()
 returns boolean
 language plpgsql stable
 as $$
 begin
-  return coalesce((select min(q.next_attempt_at) from allocator.sessions q where q.state = 'waiting') <= now(), false);
+  return (select q.id from allocator.sessions q
+          where q.state = 'waiting' and q.priority = 0 and q.reserved_at is null and q.queued_at >= allocator.queue_head()
+            and q.next_attempt_at <= now()
+          order by q.priority desc, q.queued_at, q.id
+          limit 1) is not null
+      or coalesce((select min(q.next_attempt_at) from allocator.sessions q
+                   where q.state = 'waiting' and (q.reserved_at is not null or q.priority <> 0)) <= now(), false);
 end;
+$$;
+
+-- The first `n` waiting rooms in queue order that are due, hold no slot, are routed to anyone or to one of
+-- `divisions`, and (`candidate` given) that agent may take (takeable), leaving out `skipped`. Read unlocked: the
+-- caller locks what it takes. The queue is read in parts, each from an index of its own, so that no scan walks
+-- over rooms it may not take, nor over rooms served since the queue head: fresh rooms for anyone, fresh rooms of
+-- each division, the rest (retries, rooms with a priority), and rooms routed to several divisions (few: through
+-- a GIN index, and sorted). Inlined into the caller's statement.
+create function allocator.head_rooms(n integer, divisions bigint[], candidate bigint, skipped bigint[])
+returns table (id bigint, priority integer, queued_at timestamptz)
+language sql stable
+as $$
+  select c.id, c.priority, c.queued_at
+  from ((select q.id, q.priority, q.queued_at
+         from allocator.sessions q
+         where q.state = 'waiting' and q.division_ids is null and q.priority = 0 and q.reserved_at is null
+           and q.queued_at >= allocator.queue_head() and q.next_attempt_at <= now() and q.id <> all (skipped)
+         order by q.priority desc, q.queued_at, q.id
+         limit n)
+        union all
+        (select f.id, f.priority, f.queued_at
+         from unnest(divisions) d(id)
+         cross join lateral (select q.id, q.priority, q.queued_at
+                             from allocator.sessions q
+                             where q.state = 'waiting' and q.division_key = d.id and q.priority = 0
+                               and q.reserved_at is null and q.queued_at >= allocator.queue_head()
+                               and q.next_attempt_at <= now() and q.id <> all (skipped)
+                             order by q.priority desc, q.queued_at, q.id
+                             limit n) f)
+        union all
+        (select q.id, q.priority, q.queued_at
+         from allocator.sessions q
+         where q.state = 'waiting' and (q.reserved_at is not null or q.priority <> 0)
+           and (q.division_ids is null or q.division_key = any (divisions))
+           and not q.holds_slot and q.next_attempt_at <= now()
+           and (candidate is null or allocator.takeable(q, candidate)) and q.id <> all (skipped)
+         order by q.priority desc, q.queued_at, q.id
+         limit n)
+        union all
+        (select q.id, q.priority, q.queued_at
+         from allocator.sessions q
+         where q.state = 'waiting' and q.division_ids is not null and q.division_key is null
+           and q.division_ids && divisions and not q.holds_slot and q.next_attempt_at <= now()
+           and (candidate is null or allocator.takeable(q, candidate)) and q.id <> all (skipped)
+         order by -q.priority, q.queued_at, q.id  -- no b-tree gives this order: the GIN index it is
+         limit n)) c
+  order by c.priority desc, c.queued_at, c.id
+  limit n
 $$;
 
 -- Reserves up to `batch` assignments in one round trip, for listener `owner` (see listener_alive: if that listener
@@ -92,6 +224,8 @@ declare
   taken integer := 0;
   got   integer;
 begin
+  perform allocator.advance_queue_head();
+  perform allocator.advance_agent_head();
   if not allocator.room_due() then
     return;
   end if;
@@ -204,49 +338,25 @@ begin
     return;
   end if;
 
-  -- The rooms to pair, oldest first. Without routes: the head of the queue, as many as there are agents, locked
-  -- as they are read. With routes: the oldest among the head of the rooms for anyone, of each of these agents'
-  -- divisions, and of those routed to several divisions among them (each read from its own index, as in
-  -- reserve_next), so that rooms none of them may serve are neither walked over nor waited for; read unlocked,
-  -- and each locked only once an agent is found for it, so that no room is held that this batch cannot pair.
+  -- The rooms to pair, oldest first: the head of the rooms these agents may take (head_rooms), twice as many as
+  -- there are agents (some may be held by another reservation right now). Without routes, any agent may take
+  -- nearly any of them: locked as they are read. With routes, read unlocked, and each locked only once an agent
+  -- is found for it, so that no room is held that this batch cannot pair.
   routing := exists (select from allocator.routes);
+  divisions := array(select distinct d from unnest(agents) x, unnest(x.division_ids) d);
   if not routing then
     rooms := array(select q from allocator.sessions q
-                   where q.state = 'waiting' and not q.holds_slot and q.next_attempt_at <= now()
+                   where q.id = any (array(select h.id from allocator.head_rooms(2 * cardinality(agents), divisions,
+                                                                                  null, '{}') h))
+                     and q.state = 'waiting' and not q.holds_slot and q.next_attempt_at <= now()
                    order by q.priority desc, q.queued_at, q.id
                    limit cardinality(agents)
                    for no key update of q skip locked);
   else
-    divisions := array(select distinct d from unnest(agents) x, unnest(x.division_ids) d);
-    rooms := array(
-      select q from allocator.sessions q
-      where q.id = any (array(
-              select c.id
-              from ((select q.id, q.priority, q.queued_at
-                     from allocator.sessions q
-                     where q.state = 'waiting' and q.division_ids is null and not q.holds_slot
-                       and q.next_attempt_at <= now()
-                     order by q.priority desc, q.queued_at, q.id
-                     limit 2 * batch)
-                    union all
-                    (select f.id, f.priority, f.queued_at
-                     from unnest(divisions) d(id)
-                     cross join lateral (select q.id, q.priority, q.queued_at
-                                         from allocator.sessions q
-                                         where q.state = 'waiting' and q.division_key = d.id and not q.holds_slot
-                                           and q.next_attempt_at <= now()
-                                         order by q.priority desc, q.queued_at, q.id
-                                         limit 2 * batch) f)
-                    union all
-                    (select q.id, q.priority, q.queued_at
-                     from allocator.sessions q
-                     where q.state = 'waiting' and q.division_ids is not null and q.division_key is null
-                       and q.division_ids && divisions and not q.holds_slot and q.next_attempt_at <= now()
-                     order by -q.priority, q.queued_at, q.id  -- no b-tree gives this order: the GIN index it is
-                     limit 2 * batch)) c
-              order by c.priority desc, c.queued_at, c.id
-              limit 2 * batch))
-      order by q.priority desc, q.queued_at, q.id);
+    rooms := array(select q from allocator.sessions q
+                   where q.id = any (array(select h.id from allocator.head_rooms(2 * cardinality(agents), divisions,
+                                                                                  null, '{}') h))
+                   order by q.priority desc, q.queued_at, q.id);
   end if;
 
   -- Pair in memory: each room, oldest first, with the best agent left that may take it.
@@ -346,63 +456,30 @@ begin
       continue;
     end if;
 
-    -- The oldest room this agent can take (see takeable). Without routes: the head of the queue. With routes:
-    -- the oldest of the first room for anyone (no route, or overflowed), the first room of each of its divisions,
-    -- and the first room routed to several divisions among them, each read from an index of its own, so that
-    -- rooms it may not serve are never walked over, nor waited for. That one is then locked, or, if another
-    -- reservation holds it right now, passed over for the next.
+    -- The oldest room this agent can take (head_rooms), locked, or, if another reservation holds it right now,
+    -- passed over for the next.
     s := null;
-    if not routing then
-      select q.* into s
-      from allocator.sessions q
-      where q.state = 'waiting' and allocator.takeable(q, candidate)
-      order by q.priority desc, q.queued_at, q.id
-      limit 1
+    skipped := '{}';
+    loop
+      select h.id into best from allocator.head_rooms(1, divisions, candidate, skipped) h;
+      exit when best is null;
+      select q.* into s from allocator.sessions q
+      where q.id = best and q.state = 'waiting' and allocator.takeable(q, candidate)
+        and allocator.may_serve(q.division_ids, q.overflow_at, divisions)
       for no key update of q skip locked;
-      -- Nothing this agent may take: another agent may take only a room this one may not (one that refused this
-      -- agent, or waits for its own last agent). None such is due: nobody will find one, so stop here rather than
-      -- lock every free agent in turn (10,000 agents and one room another caller holds: 4 s).
-      if s.id is null and not exists (select from allocator.sessions q
-                                      where q.state = 'waiting' and q.next_attempt_at <= now() and not q.holds_slot
-                                        and (q.excluded_agents <> '{}' or q.last_agent_id is not null)) then
-        close candidates;
-        return;
-      end if;
-    else
-      skipped := '{}';
-      loop
-        select c.id into best
-        from ((select q.id, q.priority, q.queued_at
-               from allocator.sessions q
-               where q.state = 'waiting' and q.division_ids is null and allocator.takeable(q, candidate)
-                 and q.id <> all (skipped)
-               order by q.priority desc, q.queued_at, q.id
-               limit 1)
-              union all
-              (select f.id, f.priority, f.queued_at
-               from unnest(divisions) d(id)
-               cross join lateral (select q.id, q.priority, q.queued_at
-                                   from allocator.sessions q
-                                   where q.state = 'waiting' and q.division_key = d.id
-                                     and allocator.takeable(q, candidate) and q.id <> all (skipped)
-                                   order by q.priority desc, q.queued_at, q.id
-                                   limit 1) f)
-              union all
-              (select q.id, q.priority, q.queued_at
-               from allocator.sessions q
-               where q.state = 'waiting' and q.division_ids is not null and q.division_key is null
-                 and q.division_ids && divisions and allocator.takeable(q, candidate) and q.id <> all (skipped)
-               order by -q.priority, q.queued_at, q.id  -- no b-tree gives this order: the GIN index it is
-               limit 1)) c
-        order by c.priority desc, c.queued_at, c.id
-        limit 1;
-        exit when best is null;
-        select q.* into s from allocator.sessions q
-        where q.id = best and q.state = 'waiting' and not q.holds_slot
-        for no key update of q skip locked;
-        exit when s.id is not null;
-        skipped := skipped || best;
-      end loop;
+      exit when s.id is not null;
+      skipped := skipped || best;
+    end loop;
+    -- Nothing this agent may take, and no routes: another agent may take only a room this one may not (one that
+    -- refused this agent, or waits for its own last agent). None such is due: nobody will find one, so stop here
+    -- rather than lock every free agent in turn (10,000 agents and one room another caller holds: 4 s).
+    if s.id is null and not routing
+       and not exists (select from allocator.sessions q
+                       where q.state = 'waiting' and (q.reserved_at is not null or q.priority <> 0)
+                         and q.next_attempt_at <= now() and not q.holds_slot
+                         and (q.excluded_agents <> '{}' or q.last_agent_id is not null)) then
+      close candidates;
+      return;
     end if;
     continue when s.id is null;
 

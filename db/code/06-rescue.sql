@@ -96,7 +96,8 @@ returns timestamptz
 language sql stable
 as $$
   select least(
-    (select min(next_attempt_at) from allocator.sessions where state = 'waiting' and next_attempt_at > now()),
+    (select min(next_attempt_at) from allocator.sessions  -- a fresh room is due when queued (see room_due)
+     where state = 'waiting' and (reserved_at is not null or priority <> 0) and next_attempt_at > now()),
     (select min(lease_expires_at) from allocator.sessions where lease_expires_at is not null),
     (select min(overflow_at) from allocator.sessions where state = 'waiting' and overflow_at > now()),
     (select probe_at from allocator.qiscus_health where down_since is not null));

@@ -110,7 +110,8 @@ $$;
 create view allocator.stats_live as
   select
     (select count(*) from allocator.sessions where state = 'waiting')                    as waiting,
-    (select count(*) from allocator.sessions where state = 'waiting' and next_attempt_at > now())
+    (select count(*) from allocator.sessions  -- only a room reserved before backs off
+     where state = 'waiting' and (reserved_at is not null or priority <> 0) and next_attempt_at > now())
                                                                                          as backing_off,
     (select room_id from allocator.sessions where state = 'waiting' order by queued_at, id limit 1)
                                                                                          as oldest_room_id,

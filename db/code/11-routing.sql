@@ -27,9 +27,10 @@ as $$
   limit 1
 $$;
 
--- A new session takes its route. The shared lock pairs with reroute_waiting's exclusive one (key 1367, 0): without
--- it, a session inserted by a webhook whose transaction was still open when a change of routes committed kept the
--- old route (it read the routes before the change, and the change's reroute could not see it yet).
+-- A new session takes its route. The intake lock (key 1367, 0), held shared until the session commits, pairs with
+-- reroute_waiting's exclusive one: without it, a session inserted by a webhook whose transaction was still open
+-- when a change of routes committed kept the old route (it read the routes before the change, and the change's
+-- reroute could not see it yet). (advance_queue_head, 04-reservation.sql, takes it exclusively for the same reason.)
 create function allocator.set_session_route()
 returns trigger
 language plpgsql

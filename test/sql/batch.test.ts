@@ -184,7 +184,8 @@ describe('the cost of a large batch when few rooms wait', () => {
       expect((await sessionOf(db.pool, 'held')).state).toBe('waiting');
       // A room that refused the first 2,000 agents: the walk goes on past them to agent 2,001.
       await queue(db.pool, 'picky');
-      await db.pool.query(`update allocator.sessions set excluded_agents = array(select generate_series(1, 2000)::bigint)
+      await db.pool.query(`update allocator.sessions set excluded_agents = array(select generate_series(1, 2000)::bigint),
+                                  attempts = 2000, reserved_at = now()
                            where room_id = 'picky'`);
       const r = (await db.pool.query(`select room_id, agent_id from allocator.reserve(null, 16)`)).rows;
       expect(r).toEqual([{ room_id: 'picky', agent_id: '2001' }]);
