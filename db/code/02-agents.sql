@@ -98,23 +98,26 @@ create view allocator.eligible_agents as
 comment on view allocator.eligible_agents is 'Agents online, not paused, and below capacity: who can take a room now.';
 
 -- An agent's place in the default order of agent_preference(), as one number: total_load, then last_assigned_at
--- to the millisecond (never assigned: first). The agent head (see "Heads" in 00-basics.sql) is such a number: no
--- agent that may take a room comes before it. Written exactly as the index agents_accepting_by_load (migration
--- 7), which the planner matches once this is inlined.
-create function allocator.agent_position(total_load integer, last_assigned_at timestamptz)
+-- to the millisecond; an agent never assigned comes first, by id (so that ten thousand new agents are not one tie
+-- the head cannot pass). The agent head (see "Heads" in 00-basics.sql) is such a number: no agent that may take a
+-- room comes before it. Written exactly as the index agents_accepting_by_load (migration 7), which the planner
+-- matches once this is inlined.
+create function allocator.agent_position(total_load integer, last_assigned_at timestamptz, id bigint)
 returns bigint
 language sql immutable
 as $$
   select (total_load::bigint << 40)
-         + coalesce(least(greatest(floor(extract(epoch from last_assigned_at - timestamptz '2000-01-01 00:00:00+00') * 1000),
-                                   0),
-                          1099511627775)::bigint,
-                    0)
+         + case when last_assigned_at is null then least(greatest(id, 0), 549755813887)
+                else least(greatest(floor(extract(epoch from last_assigned_at - timestamptz '2000-01-01 00:00:00+00')
+                                          * 1000),
+                                    0),
+                           1099511627775)::bigint
+           end
 $$;
 
 -- The agents that may take a room now, fewest open rooms first (ours and those assigned by hand), then the agent
--- idle longest (assigned in the same millisecond: by id): the default rule of agent_preference(). The scan starts
--- at the agent head, past the entries of agents' earlier loads that an old snapshot keeps. The upper bound is
+-- idle longest (the same millisecond, or never assigned: by id): the default rule of agent_preference(). The scan
+-- starts at the agent head, past the entries of agents' earlier loads that an old snapshot keeps. The upper bound is
 -- redundant for correctness; it turns the walk of agents_accepting_by_load into a range that ends at the first
 -- load nobody can carry, so with every agent full the scan stops at once instead of reading all online agents.
 create function allocator.agents_by_load()
@@ -124,10 +127,11 @@ as $$
   select a.*
   from allocator.agents a
   where allocator.can_take_room(a)
-    and allocator.agent_position(a.total_load, a.last_assigned_at)
+    and allocator.agent_position(a.total_load, a.last_assigned_at, a.id)
         >= (select allocator.head_position('allocator.agent_head'))
-    and allocator.agent_position(a.total_load, a.last_assigned_at) < (select allocator.max_capacity())::bigint << 40
-  order by allocator.agent_position(a.total_load, a.last_assigned_at), a.id
+    and allocator.agent_position(a.total_load, a.last_assigned_at, a.id)
+        < (select allocator.max_capacity())::bigint << 40
+  order by allocator.agent_position(a.total_load, a.last_assigned_at, a.id), a.id
 $$;
 
 -- The rule for choosing agents: the agents that may take a room now, best first. A DBA may replace it with
@@ -158,7 +162,7 @@ begin
     return;
   end if;
   begin
-    front := (select allocator.agent_position(p.total_load, p.last_assigned_at)
+    front := (select allocator.agent_position(p.total_load, p.last_assigned_at, p.id)
               from allocator.agents_by_load() p limit 1);
     if front > allocator.head_position('allocator.agent_head') then
       perform setval('allocator.agent_head', front);
@@ -182,7 +186,8 @@ begin
   if tg_table_name = 'settings' then
     perform allocator.lower_head('allocator.agent_head', 0);  -- every agent's capacity may have changed
   else
-    perform allocator.lower_head('allocator.agent_head', allocator.agent_position(new.total_load, new.last_assigned_at));
+    perform allocator.lower_head('allocator.agent_head',
+                                 allocator.agent_position(new.total_load, new.last_assigned_at, new.id));
   end if;
   return null;
 end;

@@ -148,7 +148,8 @@ language plpgsql stable
 as $$
 begin
   return (select q.id from allocator.sessions q
-          where q.state = 'waiting' and q.priority = 0 and q.reserved_at is null and q.queued_at >= allocator.queue_head()
+          where q.state = 'waiting' and q.priority = 0 and q.reserved_at is null
+            and q.queued_at >= allocator.queue_head()
             and q.next_attempt_at <= now()
           order by q.priority desc, q.queued_at, q.id
           limit 1) is not null

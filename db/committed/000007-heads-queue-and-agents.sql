@@ -1,5 +1,5 @@
 --! Previous: sha1:beba0608e54996a43f0c7fd560e723fd717d0ac7
---! Hash: sha1:57ad1602007e0ec9ea14a13ae2012267193fe264
+--! Hash: sha1:921928e22dd564f5f75622e5002ea3fd4a5942e7
 --! Message: heads: queue and agents
 
 --------------------------------------------------------------------------------------------------------------------
@@ -18,8 +18,8 @@ create sequence allocator.queue_head minvalue 0 start 0;
 comment on sequence allocator.queue_head is 'No fresh room (never reserved, priority 0) waits with queued_at before '
   'this (microseconds since the epoch). See "Heads" in db/code/00-basics.sql.';
 
--- (total_load, milliseconds since 2000 of last_assigned_at) packed in one number: no agent that may take a room
--- comes before it in agent_preference()'s order.
+-- (total_load, milliseconds since 2000 of last_assigned_at) packed in one number (allocator.agent_position): no
+-- agent that may take a room comes before it in agent_preference()'s order.
 create sequence allocator.agent_head minvalue 0 start 0;
 comment on sequence allocator.agent_head is 'No agent that may take a room comes before this position in the order '
   'of agent_preference() (see allocator.agent_position). See "Heads" in db/code/00-basics.sql.';
@@ -34,14 +34,15 @@ create index sessions_due on allocator.sessions (next_attempt_at)
   where state = 'waiting' and (reserved_at is not null or priority <> 0);
 
 -- agent_preference()'s order as one number (allocator.agent_position: total_load, then last_assigned_at to the
--- millisecond, never assigned first), so that the agent head bounds the index scan. Written out, not as a call: the
--- functions of db/code are dropped and created again by every migrate, and an index on one would go with it.
+-- millisecond, never assigned first, by id), so that the agent head bounds the index scan. Written out, not as a
+-- call: the functions of db/code are dropped and created again by every migrate, and an index on one would go too.
 drop index allocator.agents_accepting_by_load;
 create index agents_accepting_by_load on allocator.agents
   (((total_load::bigint << 40)
-    + coalesce(least(greatest(floor(extract(epoch from last_assigned_at - timestamptz '2000-01-01 00:00:00+00') * 1000),
-                              0),
-                     1099511627775)::bigint,
-               0)),
+    + case when last_assigned_at is null then least(greatest(id, 0), 549755813887)
+           else least(greatest(floor(extract(epoch from last_assigned_at - timestamptz '2000-01-01 00:00:00+00') * 1000),
+                               0),
+                      1099511627775)::bigint
+      end),
    id)
   where accepting;
