@@ -47,7 +47,15 @@ export async function startListener(o: ListenerOptions): Promise<Listener> {
   const log = o.logger;
   // registered (again): the loop, which reserves nothing without an id, may start
   const presence = new Presence(o.databaseUrl, log, () => loop.kick());
-  const loop = new AllocatorLoop({ ...o, owner: () => presence.id });
+  const loop = new AllocatorLoop({
+    ...o,
+    owner: () => presence.id,
+    onOutcome: (r, outcome, ms, error) => {
+      o.onOutcome?.(r, outcome, ms, error);
+      // A failed call puts its room back with a backoff: wake when it ends, not at the next sweep.
+      if (outcome !== 'assigned') void armDueTimer();
+    },
+  });
   const timers: NodeJS.Timeout[] = [];
   let dueTimer: NodeJS.Timeout | null = null;
   let stopped = false;

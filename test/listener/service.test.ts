@@ -170,13 +170,10 @@ describe('invariants, end to end', () => {
 describe('failures', () => {
   it('500s and 429s, then success: retried with backoff, assigned once', async () => {
     // The backoff is what this tests: from 0.2 s, so that the 429's Retry-After (1 s) outlasts it and is seen
-    // honoured, and as at the shipped 2 s the three backoffs would add 7-14 s. SWEEP_SECONDS 1 (shipped: 5) for
-    // now: today a retry waits for the next sweep, or for a backoff timer that only a sweep arms
-    // (src/listener/listener.ts), not for the end of its own backoff; at 5 s the three retries would take ~15 s
-    // and the Retry-After check below could hardly fail. Drop it once the listener arms that timer on a failure.
+    // honoured, and as at the shipped 2 s the three backoffs would add 7-14 s. The sweep stays at its default (5 s):
+    // each retry goes when its own backoff ends (the listener arms a timer on every failure).
     const { db, sim } = await setup({
       agents: agents(1),
-      env: { SWEEP_SECONDS: '1' },
       settings: { retry_base_seconds: '0.2' },
     });
     sim.setFaults({
@@ -187,9 +184,11 @@ describe('failures', () => {
       ],
     });
     await accepted(sim.sendNewRequest('flaky'));
-    // Bound: backoffs of 0.1-0.2 s and 0.2-0.4 s, then the 429's 1 s, each rounded up to the next sweep: about
-    // 3 s; 15 s for a loaded machine.
-    await eventually('assigned', () => sim.agentOf('flaky') === 1, 15_000);
+    // Bound: backoffs of 0.1-0.2 s and 0.2-0.4 s, then the 429's 1 s: about 1.6 s; 4 s, less than one sweep
+    // period, so that a retry left to the sweep fails this.
+    const sent = Date.now();
+    await eventually('assigned', () => sim.agentOf('flaky') === 1, 4_000);
+    expect(Date.now() - sent).toBeLessThan(4_000);
     await eventually('confirmed', async () => (await states(db)).assigned === 1);
     const a = await db.pool.query(`select outcome, error from allocator.attempts order by id`);
     expect(a.rows.map((x) => x.outcome)).toEqual(['transient', 'transient', 'transient', 'assigned']);
