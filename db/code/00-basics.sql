@@ -118,11 +118,16 @@ $$;
 -- for the queue (the intake lock: every new session takes it), (1367, 2) for the agents, (1367, 3) for a move back.
 --------------------------------------------------------------------------------------------------------------------
 
--- The head's position (0 until it first moves).
+-- The head's position (0 until it first moves). (PL/pgSQL: it keeps its plan; a SQL function would be planned
+-- anew on every call from PL/pgSQL.)
 create function allocator.head_position(head regclass)
 returns bigint
-language sql stable
-as $$ select coalesce(pg_sequence_last_value(head), 0) $$;
+language plpgsql stable
+as $$
+begin
+  return coalesce(pg_sequence_last_value(head), 0);
+end;
+$$;
 
 -- Moves `head` back to `target` if it is further on. The caller holds the head's lock shared, so no move up runs
 -- until it commits; and moves back run one at a time, so that two cannot cross (a session lock, held for three

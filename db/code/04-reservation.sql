@@ -121,7 +121,9 @@ language plpgsql
 as $$
 begin
   perform pg_advisory_xact_lock_shared(1367, 0);
-  perform allocator.lower_head('allocator.queue_head', allocator.queue_position(new.queued_at));
+  if allocator.queue_position(new.queued_at) < allocator.head_position('allocator.queue_head') then
+    perform allocator.lower_head('allocator.queue_head', allocator.queue_position(new.queued_at));
+  end if;
   return new;
 end;
 $$;

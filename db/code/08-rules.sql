@@ -10,10 +10,16 @@
 --------------------------------------------------------------------------------------------------------------------
 
 -- Priority by channel source: rooms from a higher-priority source are served first, then in arrival order.
+-- (PL/pgSQL, not SQL: it runs for every new session, and a SQL function with a sub-select is planned anew on every
+-- call: 0.05-0.14 ms of a 0.3 ms insert.)
 create function allocator.priority_of(room_source text)
 returns integer
-language sql stable
-as $$ select coalesce((select p.priority from allocator.source_priority p where p.source = room_source), 0) $$;
+language plpgsql stable
+as $$
+begin
+  return coalesce((select p.priority from allocator.source_priority p where p.source = room_source), 0);
+end;
+$$;
 
 -- A new session takes its source's priority (the queue index orders by it).
 create function allocator.set_session_priority()
