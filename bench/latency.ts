@@ -120,6 +120,9 @@ async function floorRun(ctx: BenchContext, rooms: number, pauseMs: number): Prom
   let busy = false;
   let again = false;
   let failure: unknown = null;
+  // The service each assign call opened: the resolution names it (one naming an earlier service is a late copy,
+  // which closes nothing, see accept_close_request).
+  const services = new Map<string, number>();
   const drain = async () => {
     if (busy) {
       again = true;
@@ -142,6 +145,7 @@ async function floorRun(ctx: BenchContext, rooms: number, pauseMs: number): Prom
             headers,
           );
           const service = (JSON.parse(res.text) as { data?: { service?: { id?: number } } }).data?.service?.id ?? null;
+          if (service !== null) services.set(row.room_id, service);
           await worker!.query('select allocator.confirm($1, $2)', [row.attempt_id, service]);
         }
       } while (again);
@@ -174,7 +178,11 @@ async function floorRun(ctx: BenchContext, rooms: number, pauseMs: number): Prom
       hook.push(t1 - t0);
     }
     await waitState(accept!, room, 'assigned');
-    await accept!.query('select * from allocator.accept_close_request($1::jsonb, $2)', [closeBody(room, 1000 + i), `floor-close-${i}`]);
+    await accept!.query('select * from allocator.accept_close_request($1::jsonb, $2)', [
+      closeBody(room, services.get(room) ?? 1000 + i),
+      `floor-close-${i}`,
+    ]);
+    await waitState(accept!, room, 'resolved');
     await sleep(pauseMs);
   }
   agent.destroy();
