@@ -97,26 +97,26 @@ create view allocator.eligible_agents as
   where allocator.can_take_room(a);
 comment on view allocator.eligible_agents is 'Agents online, not paused, and below capacity: who can take a room now.';
 
--- An agent's place in the default order of agent_preference(), as one number: total_load, then last_assigned_at
--- to the millisecond; an agent never assigned comes first, by id (so that ten thousand new agents are not one tie
--- the head cannot pass). The agent head (see "Heads" in 00-basics.sql) is such a number: no agent that may take a
--- room comes before it. Written exactly as the index agents_accepting_by_load (migration 7), which the planner
--- matches once this is inlined.
+-- An agent's place in the default order of agent_preference(), as one number: total_load (up to 4,095; above,
+-- one band), then last_assigned_at to the microsecond, until 2055; an agent never assigned comes first, by id (so
+-- that ten thousand new agents are not one tie the head cannot pass). The agent head (see "Heads" in
+-- 00-basics.sql) is such a number: no agent that may take a room comes before it. Written exactly as the index
+-- agents_accepting_by_load (migration 7), which the planner matches once this is inlined.
 create function allocator.agent_position(total_load integer, last_assigned_at timestamptz, id bigint)
 returns bigint
 language sql immutable
 as $$
-  select (total_load::bigint << 40)
-         + case when last_assigned_at is null then least(greatest(id, 0), 549755813887)
-                else least(greatest(floor(extract(epoch from last_assigned_at - timestamptz '2000-01-01 00:00:00+00')
-                                          * 1000),
+  select (least(total_load, 4095)::bigint << 50)
+         + case when last_assigned_at is null then least(greatest(id, 0), 562949953421311)
+                else least(greatest(floor(extract(epoch from last_assigned_at - timestamptz '2020-01-01 00:00:00+00')
+                                          * 1000000),
                                     0),
-                           1099511627775)::bigint
+                           1125899906842623)::bigint
            end
 $$;
 
 -- The agents that may take a room now, fewest open rooms first (ours and those assigned by hand), then the agent
--- idle longest (the same millisecond, or never assigned: by id): the default rule of agent_preference(). The scan
+-- idle longest (never assigned: first, by id): the default rule of agent_preference(). The scan
 -- starts at the agent head, past the entries of agents' earlier loads that an old snapshot keeps. The upper bound is
 -- redundant for correctness; it turns the walk of agents_accepting_by_load into a range that ends at the first
 -- load nobody can carry, so with every agent full the scan stops at once instead of reading all online agents.
@@ -130,7 +130,7 @@ as $$
     and allocator.agent_position(a.total_load, a.last_assigned_at, a.id)
         >= (select allocator.head_position('allocator.agent_head'))
     and allocator.agent_position(a.total_load, a.last_assigned_at, a.id)
-        < (select allocator.max_capacity())::bigint << 40
+        < (select least(allocator.max_capacity(), 4096))::bigint << 50
   order by allocator.agent_position(a.total_load, a.last_assigned_at, a.id), a.id
 $$;
 

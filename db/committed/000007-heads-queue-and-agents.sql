@@ -1,5 +1,5 @@
 --! Previous: sha1:beba0608e54996a43f0c7fd560e723fd717d0ac7
---! Hash: sha1:921928e22dd564f5f75622e5002ea3fd4a5942e7
+--! Hash: sha1:c0b3652cc5f1bbbb5a48626e495a6b1d14648ed9
 --! Message: heads: queue and agents
 
 --------------------------------------------------------------------------------------------------------------------
@@ -18,7 +18,7 @@ create sequence allocator.queue_head minvalue 0 start 0;
 comment on sequence allocator.queue_head is 'No fresh room (never reserved, priority 0) waits with queued_at before '
   'this (microseconds since the epoch). See "Heads" in db/code/00-basics.sql.';
 
--- (total_load, milliseconds since 2000 of last_assigned_at) packed in one number (allocator.agent_position): no
+-- (total_load, microseconds since 2020 of last_assigned_at) packed in one number (allocator.agent_position): no
 -- agent that may take a room comes before it in agent_preference()'s order.
 create sequence allocator.agent_head minvalue 0 start 0;
 comment on sequence allocator.agent_head is 'No agent that may take a room comes before this position in the order '
@@ -34,15 +34,16 @@ create index sessions_due on allocator.sessions (next_attempt_at)
   where state = 'waiting' and (reserved_at is not null or priority <> 0);
 
 -- agent_preference()'s order as one number (allocator.agent_position: total_load, then last_assigned_at to the
--- millisecond, never assigned first, by id), so that the agent head bounds the index scan. Written out, not as a
+-- microsecond, never assigned first, by id), so that the agent head bounds the index scan. Written out, not as a
 -- call: the functions of db/code are dropped and created again by every migrate, and an index on one would go too.
 drop index allocator.agents_accepting_by_load;
 create index agents_accepting_by_load on allocator.agents
-  (((total_load::bigint << 40)
-    + case when last_assigned_at is null then least(greatest(id, 0), 549755813887)
-           else least(greatest(floor(extract(epoch from last_assigned_at - timestamptz '2000-01-01 00:00:00+00') * 1000),
+  (((least(total_load, 4095)::bigint << 50)
+    + case when last_assigned_at is null then least(greatest(id, 0), 562949953421311)
+           else least(greatest(floor(extract(epoch from last_assigned_at - timestamptz '2020-01-01 00:00:00+00')
+                                     * 1000000),
                                0),
-                      1099511627775)::bigint
+                      1125899906842623)::bigint
       end),
    id)
   where accepting;
