@@ -150,7 +150,7 @@ as $$ select * from allocator.agents_by_load() $$;
 -- further on (its load goes up); whoever may move one back (a load going down, an agent back online or unpaused,
 -- a capacity raised, a new agent) holds the agent head's lock (1367, 2) shared until it commits
 -- (agent_head_behind): tried exclusively, so that the next statement's snapshot sees every such change. When no
--- agent may take a room, the head stays. Called at the start of every reserve().
+-- agent may take a room, the head stays. Called by reserve(), through advance_heads().
 create function allocator.advance_agent_head()
 returns void
 language plpgsql

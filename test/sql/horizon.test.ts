@@ -28,6 +28,8 @@ const rooms = async (sql: string) => (await db.pool.query(sql)).rows.map((r) => 
 /** The rooms one reserve() call hands out, in the order it paired them. */
 const reserveRooms = (batch: number) => rooms(`select room_id from allocator.reserve(null, ${batch}) order by attempt_id`);
 const queueHead = async () => (await db.pool.query(`select allocator.queue_head() as t`)).rows[0].t as Date;
+/** reserve() moves the heads at most every 100 ms per connection (advance_heads): here, at once. */
+const moveHeads = () => db.pool.query('select allocator.advance_queue_head(), allocator.advance_agent_head()');
 
 /** Shared buffers a statement touched: the noise-free twin of its time. */
 async function buffersOf(sql: string): Promise<number> {
@@ -58,8 +60,10 @@ describe('an old snapshot held open', () => {
         for (let i = 0; i < n / 16; i++) expect(await reserveRooms(16)).toHaveLength(16);
       };
       await serve(96);
+      await moveHeads();
       const early = await buffersOf('select * from allocator.reserve(null, 16)');
       await serve(4000);
+      await moveHeads();
       const late = await buffersOf('select * from allocator.reserve(null, 16)');
       // Measured: 1,182 buffers early, 1,361 late. Without the heads (advance_* made no-ops), 1,166 and 1,568: the
       // late call walked the entries of the 4,000 rooms served and of the 3,000 agents' earlier loads, every one
@@ -74,8 +78,9 @@ describe('an old snapshot held open', () => {
       await db.pool.query(`select setval('allocator.queue_head', 0), setval('allocator.agent_head', 0)`);
       expect(await buffersOf(headRooms)).toBeGreaterThan(roomsFromHead * 5);
       expect(await buffersOf(agents)).toBeGreaterThan(agentsFromHead * 5);
-      // And the first reservation puts the heads back where they were: nothing was lost meanwhile.
+      // And moving them puts the heads back where they were: nothing was lost meanwhile.
       expect(await reserveRooms(16)).toHaveLength(16);
+      await moveHeads();
       expect(await buffersOf('select * from allocator.reserve(null, 16)')).toBeLessThan(early * 1.25);
     } finally {
       await dba.query('rollback');
@@ -92,9 +97,9 @@ describe('the queue head never hides a room', () => {
       await late.query('select now()'); // its queued_at will be this moment
       await queue(db.pool, 'early');
       await addAgents(db.pool, [1]);
-      expect(await reserveRooms(4)).toEqual(['early']); // no fresh room left: the head moves to now
+      expect(await reserveRooms(4)).toEqual(['early']);
       await new Promise((r) => setTimeout(r, 20));
-      await db.pool.query('select allocator.reserve(null, 1)');
+      await moveHeads(); // no fresh room left: the head moves to now
       const head = await queueHead();
       await late.query(`select * from allocator.accept_new_request($1::jsonb, 'test')`, [newRequest('late')]);
       await late.query('commit');
@@ -113,7 +118,8 @@ describe('the queue head never hides a room', () => {
       await open.query('begin');
       await open.query(`select * from allocator.accept_new_request($1::jsonb, 'test')`, [newRequest('open')]);
       await new Promise((r) => setTimeout(r, 20));
-      expect(await reserveRooms(4)).toEqual([]); // nothing committed to serve; the head cannot move past 'open'
+      await moveHeads(); // the head cannot move past 'open'
+      expect(await reserveRooms(4)).toEqual([]); // nothing committed to serve
       await open.query('commit');
       expect((await queueHead()).getTime()).toBeLessThanOrEqual((await sessionOf(db.pool, 'open')).queued_at.getTime());
       expect(await reserveRooms(4)).toEqual(['open']);
@@ -126,7 +132,7 @@ describe('the queue head never hides a room', () => {
     await db.pool.query(`insert into allocator.source_priority values ('wa', 10)`);
     await queue(db.pool, 'vip', newRequest('vip', { source: 'wa' }));
     for (const r of ['a', 'b', 'c']) await queue(db.pool, r);
-    await db.pool.query('select allocator.reserve(null, 1)'); // no agent: the head moves to 'a', past 'vip'
+    await moveHeads(); // the head moves to 'a', past 'vip'
     expect((await queueHead()).getTime()).toBe((await sessionOf(db.pool, 'a')).queued_at.getTime());
     await db.pool.query(`delete from allocator.source_priority`); // 'vip' is a fresh room of priority 0 again
     await db.pool.query(`update allocator.sessions set queued_at = queued_at - interval '1 hour' where room_id = 'c'`);
@@ -159,11 +165,17 @@ describe('the agent head never hides an agent', () => {
     for (let i = 1; i <= 8; i++) await queue(db.pool, `r${i}`);
     await db.pool.query(`update allocator.agents set paused = true where id = 1`);
     expect(await rooms(`select agent_id as room_id from allocator.reserve(null, 1)`)).toEqual(['2']);
-    // The head is now past agent 1 (paused, never assigned: first in the order).
     await db.pool.query('select allocator.reserve(null, 1)'); // agent 3
+    await moveHeads();
+    // The head is now past agent 1 (paused, never assigned: first in the order).
+    const position = `select allocator.head_position('allocator.agent_head')
+                             > allocator.agent_position(a.total_load, a.last_assigned_at, a.id) as behind
+                      from allocator.agents a where a.id = $1`;
+    expect((await db.pool.query(position, [1])).rows[0].behind).toBe(true);
     await db.pool.query(`update allocator.agents set paused = false where id = 1`);
     expect(await rooms(`select agent_id as room_id from allocator.reserve(null, 1)`)).toEqual(['1']);
-    await addAgents(db.pool, [4], { max_load: 1 });
+    await moveHeads();
+    await addAgents(db.pool, [4], { max_load: 1 }); // never assigned: behind the head
     expect(await rooms(`select agent_id as room_id from allocator.reserve(null, 4)`)).toEqual(['4']);
     // Every agent full; agent 2's reservation released: its slot is free again.
     const attempt = (await sessionOf(db.pool, 'r1')).attempt_id;
