@@ -138,6 +138,11 @@ export async function startListener(o: ListenerOptions): Promise<Listener> {
     !syncing && Date.now() - lastSyncStart >= Math.min(o.syncSeconds * 1000, Math.max(1000, 2 * lastSyncMs));
 
   let divisionsFailing = false;
+  // A failed pull (Qiscus or PostgreSQL unreachable, as when both start together) is tried again after 1, 2, 4 ...
+  // seconds, never later than the next scheduled pull: a listener that starts before Qiscus answers must not wait
+  // a whole AGENT_SYNC_SECONDS for its first roster.
+  let syncFailures = 0;
+  let syncRetry: NodeJS.Timeout | null = null;
   const syncNow = async (): Promise<SyncResult | undefined> => {
     if (syncing) return undefined;
     syncing = true;
@@ -151,11 +156,19 @@ export async function startListener(o: ListenerOptions): Promise<Listener> {
         log.warn({ err: r.divisionError }, 'division pull failed; keeping the last complete membership');
       } else if (!r.divisionError && divisionsFailing) log.info({ divisions: r.divisions }, 'division pull works again');
       divisionsFailing = r.divisionError !== undefined;
+      syncFailures = 0;
       loop.kick();
       return r;
     } catch (e) {
       o.onSyncError?.(e);
-      log.warn({ err: errText(e) }, 'roster sync failed; keeping the last known roster');
+      const retryMs = Math.min(1000 * 2 ** syncFailures++, o.syncSeconds * 1000);
+      log.warn({ err: errText(e), retryMs }, 'roster sync failed; keeping the last known roster');
+      if (!stopped && syncRetry === null) {
+        syncRetry = setTimeout(() => {
+          syncRetry = null;
+          void syncNow();
+        }, retryMs);
+      }
       return undefined;
     } finally {
       syncing = false;
@@ -224,6 +237,7 @@ export async function startListener(o: ListenerOptions): Promise<Listener> {
     async stop() {
       stopped = true;
       for (const t of timers) clearInterval(t);
+      if (syncRetry) clearTimeout(syncRetry);
       if (dueTimer) clearTimeout(dueTimer);
       await subscriber?.close().catch(() => {});
       await loop.stop();

@@ -168,6 +168,22 @@ describe('invariants, end to end', () => {
 });
 
 describe('failures', () => {
+  it('a listener started while Qiscus lists no agents pulls its roster within seconds of Qiscus answering', async () => {
+    // As when every service of a deployment starts at once: the first pull fails, and the next scheduled one is
+    // AGENT_SYNC_SECONDS (30 s) away. Failed pulls are tried again after 1, 2, 4 ... s.
+    const { db, sim } = await setup({ agents: agents(1), listeners: 0 });
+    sim.down({ list: true });
+    await stack!.startListener();
+    await sleep(2500); // two failed pulls at least
+    await accepted(sim.sendNewRequest('early-bird'));
+    sim.up();
+    const up = Date.now();
+    // Bound: the next retry is at most 4 s after the last failure; 6 s for a loaded machine.
+    await eventually('assigned', () => sim.agentOf('early-bird') === 1, 6_000);
+    expect(Date.now() - up).toBeLessThan(6_000);
+    expect(await invariants(db.pool)).toEqual([]);
+  });
+
   it('500s and 429s, then success: retried with backoff, assigned once', async () => {
     // The backoff is what this tests: from 0.2 s, so that the 429's Retry-After (1 s) outlasts it and is seen
     // honoured, and as at the shipped 2 s the three backoffs would add 7-14 s. The sweep stays at its default (5 s):
