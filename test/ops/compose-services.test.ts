@@ -130,9 +130,8 @@ describe('the compose services, run as compose runs them', () => {
 
     const web = run('web', argvOf(compose.services.web!.command), envFor('web'));
     const sim = run('simulator', argvOf(compose.services.simulator!.command), envFor('simulator'));
-    // The listener once Qiscus (the simulator) answers, as in production: it pulls the roster when it starts. Had
-    // that pull failed, the next would come AGENT_SYNC_SECONDS (30 s by default) later; hence the README's
-    // AGENT_SYNC_SECONDS=5 for the demo profile, where both containers start at once.
+    // The listener once Qiscus (the simulator) answers, as in production: it pulls the roster when it starts (a
+    // failed pull is tried again within seconds, tested in test/listener/service.test.ts).
     try {
       await healthy('simulator', argvOf(compose.services.simulator!.healthcheck!.test), envFor('simulator'));
     } catch (e) {
