@@ -273,9 +273,11 @@ export async function judgeReservations(pool: pg.Pool, versions: readonly RouteV
     let why: string | undefined;
     for (const v of seen) {
       const route = routeFor(v.routes, r.source, r.channel_id);
+      // Overflowed by the moment the reservation was decided: reserve() runs overflow_due(), and another caller's
+      // may have moved the room to anyone after this transaction began (r.at is its now(), its start).
       const w = !route
         ? 'no route matched'
-        : route.overflow_seconds !== null && r.queued_at + route.overflow_seconds * 1000 <= r.at
+        : route.overflow_seconds !== null && r.queued_at + route.overflow_seconds * 1000 <= r.decided
           ? 'overflowed'
           : intersects(route.division_ids, member)
             ? 'agent in a division of the route'
@@ -287,7 +289,7 @@ export async function judgeReservations(pool: pg.Pool, versions: readonly RouteV
       if (r.assigned) count(assigned, why);
       continue;
     }
-    const own = r.division_ids === null || (r.overflow_at !== null && r.overflow_at <= r.at) || intersects(r.division_ids, member);
+    const own = r.division_ids === null || (r.overflow_at !== null && r.overflow_at <= r.decided) || intersects(r.division_ids, member);
     violations.push(
       `room ${r.room_id} (source ${r.source}, channel ${String(r.channel_id)}, queued ${fmt(r.queued_at)}) reserved ${fmt(r.at)} ` +
         `for agent ${r.agent_id} in divisions {${member.join(',')}}; routes then: ` +
