@@ -6,7 +6,7 @@
 -- agent's slot, not refused by this agent, and not waiting to be retried with another agent that is free and may
 -- serve it (after a failure the call may in fact have reached Qiscus, so the retry goes to the same agent when it
 -- can: the repeat is then harmless, not a second agent; when routes or membership changed meanwhile so that it may
--- not serve the room any more, it cannot). Inlined into reserve_next's queries.
+-- not serve the room any more, it cannot). Inlined into head_rooms' queries and reserve_next's lock.
 create function allocator.takeable(q allocator.sessions, candidate bigint)
 returns boolean
 language sql stable
