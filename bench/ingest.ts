@@ -2,7 +2,7 @@
  * Ingest: allocation webhooks under a closed-loop load of BENCH_CONNECTIONS (64) webhooks in flight. Phases, each
  * on a fresh database, run back to back and alternated over BENCH_ROUNDS (3) rounds (order reversed every other
  * round); values are medians over rounds, ratios medians of the per-round ratios:
- *   - web: `npm run web` (HTTP → zod → group commit through allocator.accept_new_requests → 200), a new room per
+ *   - web: `npm run web` (HTTP → zod → group commit through allocator.accept_requests → 200), a new room per
  *     webhook;
  *   - plain (the peer of issue 12): bench/lib/plain-service.ts, node:http + pg, one INSERT per webhook into a table
  *     shaped like allocator.webhooks, the same pool size (10), no framework, validation or idempotence;

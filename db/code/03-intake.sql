@@ -170,27 +170,57 @@ create trigger notify_room_waiting
   for each row when (new.state = 'waiting' and new.next_attempt_at <= now())
   execute function allocator.notify('room');
 
--- Many allocation webhooks in one round trip: the web app's group commit (the webhooks that arrived while its
--- previous call ran). `requests` is a JSON array of {"payload": {...}, "request_id": "..."}; each is applied by
--- accept_new_request in order, in a subtransaction of its own, so that one that fails (odd data that got past
--- validation) affects no other: its row carries the error (error_code, error) instead. All commit together, so
--- each webhook is still answered only once its row is committed. The caller orders the batch by room (rooms are
--- locked in that order: two batches cannot deadlock).
-create function allocator.accept_new_requests(requests jsonb)
+-- Many webhooks of one kind in one round trip: the web app's group commit (the webhooks that arrived while its
+-- previous call of that kind ran). `kind` is 'new_request' or 'close_request'; `requests` is a JSON array of
+-- {"payload": {...}, "request_id": "..."}, each applied by accept_new_request or accept_close_request in order, in a
+-- subtransaction of its own, so that one that fails (odd data that got past validation) affects no other: its row
+-- carries the error (error_code, error) instead. All commit together, so each webhook is still answered only once
+-- its row is committed.
+-- Lock order, so that batches never deadlock with each other or with the listeners: the caller orders the batch by
+-- room, and rooms are locked in that order (both kinds). Resolutions also lock rows: all their rooms first, then
+-- the rooms' sessions, then those sessions' agents, each in id order, as report() does (sessions, then agents);
+-- taken one resolution at a time, an agent locked before the next room's session would cross a report's order.
+create function allocator.accept_requests(kind text, requests jsonb)
 returns table (ord integer, outcome text, session_id bigint, webhook_id bigint, error_code text, error text)
 language plpgsql
 set enable_seqscan = off  -- see "Plans" in 00-basics.sql
 as $$
 declare
-  r jsonb;
+  r     jsonb;
+  rooms text[];
+  room  text;
 begin
+  if kind not in ('new_request', 'close_request') then
+    raise exception 'accept_requests: unknown kind %', kind using errcode = 'invalid_parameter_value';
+  end if;
+  if kind = 'close_request' then
+    rooms := array(select nullif(btrim(x -> 'payload' -> 'service' ->> 'room_id'), '')
+                   from jsonb_array_elements(requests) with ordinality as t(x, n)
+                   order by n);
+    foreach room in array rooms loop
+      if room is not null then
+        perform allocator.lock_room(room);
+      end if;
+    end loop;
+    perform from allocator.sessions s where s.room_id = any (rooms) order by s.id for update;
+    perform from allocator.agents a
+    where a.id = any (array(select s.agent_id from allocator.sessions s where s.room_id = any (rooms)))
+    order by a.id
+    for no key update;
+  end if;
+
   ord := 0;
   for r in select x from jsonb_array_elements(requests) x loop
     ord := ord + 1;
     outcome := null; session_id := null; webhook_id := null; error_code := null; error := null;
     begin
-      select a.outcome, a.session_id, a.webhook_id into outcome, session_id, webhook_id
-      from allocator.accept_new_request(r -> 'payload', r ->> 'request_id') a;
+      if kind = 'new_request' then
+        select a.outcome, a.session_id, a.webhook_id into outcome, session_id, webhook_id
+        from allocator.accept_new_request(r -> 'payload', r ->> 'request_id') a;
+      else
+        select a.outcome, a.session_id, a.webhook_id into outcome, session_id, webhook_id
+        from allocator.accept_close_request(r -> 'payload', r ->> 'request_id') a;
+      end if;
     exception when others then
       error_code := sqlstate;
       error := sqlerrm;

@@ -2,7 +2,7 @@
  * The HTTP app: Qiscus's two webhooks, health, readiness and metrics. Thin by design: it validates, hands the
  * payload to one SQL function, and says what that did. No allocation logic lives here (it is all in SQL).
  *
- * Each webhook is applied by one SQL function in autocommit (allocation webhooks in groups: see ingest.ts): when
+ * Webhooks are applied by one SQL function in autocommit, in groups of one kind (see ingest.ts): when
  * the query returns, the webhook row and its effect are committed, and only then is the 2xx sent. The SQL is
  * idempotent per room, so a retried or concurrent copy changes nothing.
  *
@@ -19,7 +19,7 @@ import { migrationsApplied } from '../db/migrate.ts';
 import type { Logger } from '../log.ts';
 import { problem, type AppContext, type AppEnv } from './context.ts';
 import { jsonBody, MAX_BODY_BYTES } from './json-body.ts';
-import { NewRequestBatcher, type AcceptRow } from './ingest.ts';
+import { WebhookBatcher, type AcceptRow } from './ingest.ts';
 import { requestContext, ROUTES, type Observer } from './request-context.ts';
 import { parseCloseRequest, parseNewRequest, type Parsed, type Webhook } from './schemas.ts';
 import { requireSecret } from './secret.ts';
@@ -42,10 +42,6 @@ export interface AppOptions {
   /** Served at `GET /metrics` (no secret needed: it holds counts, never payloads). Without it, /metrics is a 404. */
   metrics?: Registry;
 }
-
-/** What a webhook's SQL function returns (bigints arrive as strings). */
-/** The resolution webhook: one call each (they are few, and each frees a slot). */
-const ACCEPT_CLOSE = 'select outcome, session_id, webhook_id from allocator.accept_close_request($1::jsonb, $2::text)';
 
 /**
  * A webhook the database could not take (away, overloaded, restarting) changed nothing, or changed it idempotently:
@@ -70,12 +66,7 @@ export function createApp(opts: AppOptions): Hono<AppEnv> {
   const body = jsonBody(opts.maxBodyBytes ?? MAX_BODY_BYTES);
 
   /** Validates, stores through SQL, and answers with what happened. */
-  const newRequests = new NewRequestBatcher(pool);
-  const accept = {
-    new_request: (roomId: string, payload: unknown, requestId: string) => newRequests.accept(roomId, payload, requestId),
-    close_request: async (_roomId: string, payload: unknown, requestId: string) =>
-      (await pool.query<AcceptRow>(ACCEPT_CLOSE, [JSON.stringify(payload), requestId])).rows[0],
-  };
+  const accept = { new_request: new WebhookBatcher(pool, 'new_request'), close_request: new WebhookBatcher(pool, 'close_request') };
 
   const webhook = (kind: keyof typeof accept, parse: (b: unknown) => Parsed<Webhook>) => async (c: AppContext) => {
     const parsed = parse(c.get('body'));
@@ -85,7 +76,7 @@ export function createApp(opts: AppOptions): Hono<AppEnv> {
     const requestId = c.get('requestId');
     let row: AcceptRow | undefined;
     try {
-      row = await accept[kind](roomId, payload, requestId);
+      row = await accept[kind].accept(roomId, payload, requestId);
     } catch (err) {
       return databaseFailure(c, err);
     }

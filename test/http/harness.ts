@@ -6,8 +6,10 @@ import type { AddressInfo } from 'node:net';
 import { serve } from '@hono/node-server';
 import type pg from 'pg';
 import { pino } from 'pino';
+import { afterAll, beforeAll } from 'vitest';
 import { createApp, type AppOptions } from '../../src/http/app.ts';
 import { createPool } from '../../src/db/pool.ts';
+import { createTestDatabase, type TestDatabase } from '../support/db.ts';
 
 /** Quiet unless HTTP_TEST_LOG=debug (or another level) is set. */
 export const testLogger = pino({ level: process.env.HTTP_TEST_LOG ?? 'silent' });
@@ -119,4 +121,18 @@ export async function snapshot(pool: pg.Pool): Promise<string> {
            (select coalesce(md5(string_agg(s::text, '|' order by s.id)), '') from allocator.sessions s) as sessions_md5,
            (select coalesce(md5(string_agg(a::text, '|' order by a.id)), '') from allocator.agents a) as agents_md5`);
   return JSON.stringify(r.rows[0]);
+}
+
+/** A database of its own and the app over it, for the enclosing file or describe block (set up before its tests). */
+export function appWithDatabase(): { readonly db: TestDatabase; readonly app: RunningApp } {
+  const ctx = {} as { db: TestDatabase; app: RunningApp };
+  beforeAll(async () => {
+    ctx.db = await createTestDatabase();
+    ctx.app = await startApp(ctx.db.url);
+  });
+  afterAll(async () => {
+    await ctx.app?.close();
+    await ctx.db?.drop();
+  });
+  return ctx;
 }

@@ -4,27 +4,17 @@
  * Every 2xx must name a webhook row that is in the database.
  */
 import fc from 'fast-check';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { createTestDatabase, type TestDatabase } from '../support/db.ts';
-import { startApp, type RunningApp } from './harness.ts';
+import { describe, expect, it } from 'vitest';
+import { appWithDatabase } from './harness.ts';
 
-let db: TestDatabase;
-let app: RunningApp;
+const web = appWithDatabase();
 const routes = ['/api/v1/new_request', '/api/v1/close_request'] as const;
 const accepted: string[] = [];
 const ALLOWED = new Set([200, 400, 413, 415, 422]);
 
-beforeAll(async () => {
-  db = await createTestDatabase();
-  app = await startApp(db.url);
-});
-afterAll(async () => {
-  await app?.close();
-  await db?.drop();
-});
 
 async function send(route: string, body: string | Uint8Array, type = 'application/json'): Promise<number> {
-  const res = await fetch(app.url + route, { method: 'POST', headers: { 'content-type': type }, body: body as RequestInit['body'] });
+  const res = await fetch(web.app.url + route, { method: 'POST', headers: { 'content-type': type }, body: body as RequestInit['body'] });
   const text = await res.text();
   const json = JSON.parse(text); // every reply is JSON
   if (res.status === 200) accepted.push(json.webhook_id);
@@ -95,7 +85,7 @@ describe('no input gets a 5xx', () => {
       'application/json', 'APPLICATION/JSON; charset=latin1', 'application/+json', 'application/a+json;x=y', 'json',
     ));
     await fc.assert(fc.asyncProperty(type, async (t) => {
-      const res = await fetch(app.url + routes[0], {
+      const res = await fetch(web.app.url + routes[0], {
         method: 'POST', headers: { 'content-type': t }, body: JSON.stringify({ room_id: '42' }),
       });
       expect([200, 415]).toContain(res.status);
@@ -105,9 +95,9 @@ describe('no input gets a 5xx', () => {
 
   it('afterwards: every 2xx is in the database, invariants hold, the app still answers', async () => {
     expect(accepted.length).toBeGreaterThan(10);
-    const r = await db.pool.query(`select count(*)::int as n from allocator.webhooks where id = any($1::bigint[])`, [accepted]);
+    const r = await web.db.pool.query(`select count(*)::int as n from allocator.webhooks where id = any($1::bigint[])`, [accepted]);
     expect(r.rows[0].n).toBe(accepted.length);
-    expect((await db.pool.query(`select * from allocator.check_invariants()`)).rows).toEqual([]);
-    expect((await fetch(app.url + '/healthz')).status).toBe(200);
+    expect((await web.db.pool.query(`select * from allocator.check_invariants()`)).rows).toEqual([]);
+    expect((await fetch(web.app.url + '/healthz')).status).toBe(200);
   });
 });

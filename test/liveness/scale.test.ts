@@ -80,7 +80,7 @@ it(`scale: ${N} rooms, 200 agents, two listeners, every room resolved on assignm
     async () => {
       const bad = sim.autoResolutions.filter((r) => r.status !== 200);
       const s = await db.pool.query(`select state::text, count(*)::int as n from allocator.sessions group by 1`);
-      return `${bad.length} resolution webhooks not accepted (${bad.slice(0, 3).map((b) => `${b.room_id}: ${b.status} ${b.error ?? ''}`).join('; ')}); sessions ${JSON.stringify(s.rows)}`;
+      return `${bad.length} resolution webhooks not accepted (${bad.slice(0, 3).map((b) => `${b.room_id}: ${b.status} ${b.error ?? JSON.stringify(b.body ?? null).slice(0, 300)}`).join('; ')}); sessions ${JSON.stringify(s.rows)}`;
     },
   );
 

@@ -1,11 +1,13 @@
 /**
  * The set-at-a-time calls: reserve(owner, batch) hands out many reservations in one round trip, report() records
- * many outcomes in one, accept_new_requests() stores many allocation webhooks in one (a bad one failing alone).
+ * many outcomes in one, accept_requests() stores many webhooks of one kind in one (a bad one failing alone), and
+ * batches of resolutions never deadlock with each other or with report().
  */
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import type pg from 'pg';
 import { createTestDatabase, type TestDatabase } from '../support/db.ts';
-import { newRequest } from '../support/fixtures.ts';
-import { addAgents, invariants, loads, queue, resolve, sessionOf } from '../support/sql.ts';
+import { newRequest, resolvedRequest } from '../support/fixtures.ts';
+import { addAgents, assignAll, invariants, setting, loads, queue, resolve, sessionOf } from '../support/sql.ts';
 
 let db: TestDatabase;
 beforeAll(async () => {
@@ -281,15 +283,16 @@ describe('report(outcomes)', () => {
   });
 });
 
-describe('accept_new_requests(requests)', () => {
-  it('stores a batch, each with its own outcome; a bad one fails alone', async () => {
-    const res = await db.pool.query(`select * from allocator.accept_new_requests($1::jsonb) order by ord`, [
-      JSON.stringify([
-        { payload: newRequest('x'), request_id: 'q1' },
-        { payload: { ...newRequest('y'), room_id: '' }, request_id: 'q2' }, // no room: refused in SQL
-        { payload: newRequest('x'), request_id: 'q3' }, // a repeat in the same batch
-        { payload: newRequest('z'), request_id: 'q4' },
-      ]),
+describe('accept_requests(kind, requests)', () => {
+  const batch = (kind: string, items: Array<{ payload: unknown; request_id: string }>, q: Pick<pg.Pool, 'query'> = db.pool) =>
+    q.query(`select * from allocator.accept_requests($1, $2::jsonb) order by ord`, [kind, JSON.stringify(items)]);
+
+  it('stores a batch of allocation webhooks, each with its own outcome; a bad one fails alone', async () => {
+    const res = await batch('new_request', [
+      { payload: newRequest('x'), request_id: 'q1' },
+      { payload: { ...newRequest('y'), room_id: '' }, request_id: 'q2' }, // no room: refused in SQL
+      { payload: newRequest('x'), request_id: 'q3' }, // a repeat in the same batch
+      { payload: newRequest('z'), request_id: 'q4' },
     ]);
     expect(res.rows.map((r) => [r.outcome, r.error_code])).toEqual([
       ['queued', null],
@@ -299,5 +302,98 @@ describe('accept_new_requests(requests)', () => {
     ]);
     const w = await db.pool.query(`select request_id from allocator.webhooks order by id`);
     expect(w.rows.map((r) => r.request_id)).toEqual(['q1', 'q3', 'q4']);
+  });
+
+  it('stores a batch of resolutions: slots freed, a repeat and an unknown room answered, a bad one failing alone', async () => {
+    await addAgents(db.pool, [1, 2]);
+    for (const room of ['a', 'b', 'c']) await queue(db.pool, room);
+    const assigned = await assignAll(db.pool);
+    expect(assigned).toHaveLength(3);
+    const res = await batch('close_request', [
+      { payload: resolvedRequest('a'), request_id: 'r1' },
+      { payload: resolvedRequest('a'), request_id: 'r2' }, // a repeat in the same batch
+      { payload: { service: { room_id: ' ' } }, request_id: 'r3' }, // no room: refused in SQL
+      { payload: resolvedRequest('b'), request_id: 'r4' },
+      { payload: resolvedRequest('nobody'), request_id: 'r5' },
+    ]);
+    expect(res.rows.map((r) => [r.outcome, r.error_code])).toEqual([
+      ['resolved', null],
+      ['already_resolved', null],
+      [null, '22023'],
+      ['resolved', null],
+      ['unknown_room', null],
+    ]);
+    const states = await db.pool.query(`select room_id, state::text from allocator.sessions order by room_id`);
+    expect(states.rows).toEqual([
+      { room_id: 'a', state: 'resolved' },
+      { room_id: 'b', state: 'resolved' },
+      { room_id: 'c', state: 'assigned' },
+    ]);
+    const load = await db.pool.query(`select sum(our_load)::int as n from allocator.agents`);
+    expect(load.rows[0].n).toBe(1);
+    expect(await invariants(db.pool)).toEqual([]);
+  });
+
+  it('refuses an unknown kind, changing nothing', async () => {
+    await expect(batch('other', [{ payload: newRequest('x'), request_id: 'q1' }])).rejects.toThrow(/unknown kind/);
+    expect((await db.pool.query(`select count(*)::int as n from allocator.webhooks`)).rows[0].n).toBe(0);
+  });
+
+  it('batches of resolutions beside reservations and reports of the same agents: no deadlock, nothing lost, every slot freed', async () => {
+    // 10 agents of capacity 8, 6 rounds of 80 rooms: each round's rooms are reserved and confirmed through report()
+    // in batches while the previous round's rooms are resolved in batches of random rooms (sorted, as the web app
+    // sends them; a room in several batches), from four connections at once. Every agent has rooms all over each
+    // batch, so a batch that locked its agents one resolution at a time would cross another's order. A deadlock
+    // would surface as an error row or a thrown error.
+    const AGENTS = 10;
+    const ROUND = 80;
+    await setting(db.pool, 'default_max_load', 8);
+    await addAgents(db.pool, Array.from({ length: AGENTS }, (_, i) => i + 1));
+    const clients = await Promise.all(Array.from({ length: 6 }, () => db.pool.connect()));
+    const errors: string[] = [];
+    let seed = 7;
+    const random = () => ((seed = (seed * 1103515245 + 12345) % 2 ** 31) / 2 ** 31);
+    try {
+      let previous: string[] = [];
+      for (let round = 0; round < 6; round++) {
+        const rooms = Array.from({ length: ROUND }, (_, i) => `r${round}-${String(i).padStart(3, '0')}`);
+        await batch('new_request', rooms.map((room) => ({ payload: newRequest(room), request_id: room })));
+        const closing = previous;
+        const resolvers = clients.slice(0, 4).map(async (c, k) => {
+          for (let i = 0; i < closing.length / 4; i++) {
+            const slice = [...new Set(Array.from({ length: 12 }, () => closing[Math.floor(random() * closing.length)]!))].sort();
+            const res = await batch('close_request', slice.map((room) => ({ payload: resolvedRequest(room), request_id: `${room}-${k}` })), c);
+            for (const r of res.rows) if (r.error_code) errors.push(`${r.error_code} ${r.error}`);
+          }
+          // Then every room, so that the round is surely resolved.
+          const res = await batch('close_request', closing.map((room) => ({ payload: resolvedRequest(room), request_id: `${room}-all-${k}` })), c);
+          for (const r of res.rows) if (r.error_code) errors.push(`${r.error_code} ${r.error}`);
+        });
+        const reservers = clients.slice(4).map(async (c) => {
+          for (;;) {
+            const got = (await c.query(`select * from allocator.reserve(null, 8)`)).rows;
+            if (got.length === 0) return;
+            await c.query(`select * from allocator.report($1::jsonb)`, [
+              JSON.stringify(got.map((g) => ({ attempt: g.attempt_id, outcome: 'assigned' }))),
+            ]);
+          }
+        });
+        await Promise.all([...resolvers, ...reservers]);
+        // What the reservers left for want of a free slot (the resolutions freed them meanwhile) is taken now.
+        await assignAll(db.pool);
+        previous = rooms;
+      }
+    } finally {
+      for (const c of clients) c.release();
+    }
+    expect(errors).toEqual([]);
+    // The last round is still open; every earlier one is resolved, and its slots freed.
+    const open = await db.pool.query(`select state::text, count(*)::int as n from allocator.sessions group by 1 order by 1`);
+    expect(open.rows).toEqual([
+      { state: 'assigned', n: ROUND },
+      { state: 'resolved', n: 5 * ROUND },
+    ]);
+    expect((await db.pool.query(`select sum(our_load)::int as n from allocator.agents`)).rows[0].n).toBe(ROUND);
+    expect(await invariants(db.pool)).toEqual([]);
   });
 });
