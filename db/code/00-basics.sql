@@ -12,7 +12,7 @@
 --   05-outcomes        confirm, fail_transient, fail_for_agent,       11-routing      routes and divisions
 --                      release_reservation, report                12-retention    deleting old history
 --
--- Plans: the entry points of the hot path (reserve, report, accept_new_request(s), accept_close_request) run with
+-- Plans: the entry points of the hot path (reserve, report, accept_requests and the two it calls) run with
 -- `set enable_seqscan = off` and, for reserve and report, `plan_cache_mode = force_generic_plan`; the functions
 -- they call inherit both. A listener keeps its connections for days and PL/pgSQL caches each statement's plan per
 -- connection: planned while a table was tiny (a new install, a burst the statistics have not seen), a lookup by
@@ -43,6 +43,7 @@
 --                   │   │                  │                          if the answer named the new service:
 --                   │   │                  │                          resolved, late_service_id = that service,
 --                   │   │                  │                          until its own close_request frees the count
+--                   │   │                  │                          (not counted if that came first)
 --                   └───┼──────────────────┘ fail_transient, fail_for_agent, release_reservation, rescue
 --                       │                    holds_slot: the call may have landed, so the waiting room keeps its
 --                       │                    agent's slot and goes back to that agent first
@@ -114,8 +115,9 @@ $$;
 --         agent's load going down, a priority removed, a DBA's edit) moves the head back to it (lower_head), in
 --         the same transaction, before anyone can see the entry.
 -- A head too low costs a longer walk, once; a head too high would hide a room or an agent, so every way an entry
--- can appear behind it goes through the second rule (queue_head_behind, agent_head_behind). Locks: key (1367, 0)
--- for the queue (the intake lock: every new session takes it), (1367, 2) for the agents, (1367, 3) for a move back.
+-- can appear behind it goes through the second rule (place_new_session, queue_head_behind, agent_head_behind).
+-- Locks: key (1367, 0) for the queue (the intake lock: every new session takes it), (1367, 2) for the agents,
+-- (1367, 3) for a move back.
 --------------------------------------------------------------------------------------------------------------------
 
 -- The head's position (0 until it first moves). (PL/pgSQL: it keeps its plan; a SQL function would be planned

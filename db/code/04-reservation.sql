@@ -81,8 +81,8 @@ $$;
 
 -- Moves the queue head up to the oldest fresh room, or to now when none waits: the rooms served since the last
 -- move are walked once here instead of by every reservation. Every new session holds the intake lock (1367, 0)
--- shared until it commits (queue_head_behind): tried exclusively, so that the next statement's snapshot sees every
--- fresh room there is. Called by reserve(), through advance_heads().
+-- shared until it commits (place_new_session, queue_head_behind): tried exclusively, so that the next statement's
+-- snapshot sees every fresh room there is. Called by reserve(), through advance_heads().
 create function allocator.advance_queue_head()
 returns void
 language plpgsql
@@ -113,25 +113,30 @@ end;
 $$;
 
 -- A fresh room queued behind the head moves it back: a webhook whose transaction began before the last move
--- (queued_at is the transaction's start), a room whose priority was removed, one a DBA moved forward. Takes the
--- intake lock shared (see advance_queue_head). Rare: the usual new room is queued after the head.
+-- (queued_at is the transaction's start), a room whose priority was removed, one a DBA moved forward. The caller
+-- holds the intake lock shared (see advance_queue_head). Rare: the usual new room is queued after the head.
+create function allocator.queue_fresh_room(queued_at timestamptz)
+returns void
+language plpgsql
+as $$
+begin
+  if allocator.queue_position(queued_at) < allocator.head_position('allocator.queue_head') then
+    perform allocator.lower_head('allocator.queue_head', allocator.queue_position(queued_at));
+  end if;
+end;
+$$;
+
+-- An open room that becomes fresh again (a new session: place_new_session, 11-routing.sql).
 create function allocator.queue_head_behind()
 returns trigger
 language plpgsql
 as $$
 begin
   perform pg_advisory_xact_lock_shared(1367, 0);
-  if allocator.queue_position(new.queued_at) < allocator.head_position('allocator.queue_head') then
-    perform allocator.lower_head('allocator.queue_head', allocator.queue_position(new.queued_at));
-  end if;
+  perform allocator.queue_fresh_room(new.queued_at);
   return new;
 end;
 $$;
-
-create trigger queue_head_behind_new
-  before insert on allocator.sessions
-  for each row when (new.state = 'waiting' and new.reserved_at is null)
-  execute function allocator.queue_head_behind();
 
 create trigger queue_head_behind
   before update of state, reserved_at, priority, queued_at on allocator.sessions

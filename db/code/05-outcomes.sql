@@ -37,16 +37,21 @@ $$;
 -- accept_close_request), and is settled by what Qiscus said:
 --   the call did not reach Qiscus (`maybe_landed` false)             the slot is free
 --   the assign answer names the service that was resolved            it landed, then was resolved: free
+--   the answer names a new service whose resolution is stored already  it landed, then was resolved: free
 --   otherwise (it landed after the resolution, or we cannot know)    the agent may hold the room: it is counted as
---     a room Qiscus shows the agent holding (external_load) until the first roster pull that started after now,
---     which sees Qiscus's own count (see external_after_pull)
+--     a room Qiscus shows the agent holding (external_load): a named service until its resolution arrives, an
+--     unknown one until the first roster pull that started after now, which sees Qiscus's own count (see
+--     external_after_pull)
 -- `s`: the session, locked, resolved while its reservation (s.attempt_id) was out.
 create function allocator.settle_resolved_in_flight(s allocator.sessions, maybe_landed boolean, service bigint default null)
 returns void
 language plpgsql
 as $$
 begin
-  if maybe_landed and (service is null or service is distinct from s.service_id) then
+  if maybe_landed and (service is null or service is distinct from s.service_id)
+     and not exists (select from allocator.webhooks w
+                     where w.room_id = s.room_id and w.kind = 'close_request'
+                       and allocator.json_bigint(w.payload -> 'service' -> 'id') = service) then
     update allocator.agents
     set our_load = our_load - 1, external_load = external_load + 1,
         external_hold_until = greatest(external_hold_until, now())

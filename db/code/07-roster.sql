@@ -5,6 +5,10 @@
 
 -- The count of rooms an agent holds that we did not assign, after a pull that found `by_hand` of them (Qiscus's
 -- count less `counted`, our rooms it surely counted: see sync_agents).
+-- - A late landing whose service the assign answer named (sessions.late_service_id) surely holds the agent until
+--   that service's resolution arrives, which frees it (accept_close_request), or until a pull that subtracted no
+--   room of ours shows it gone. A pull that did subtract rooms of ours may have subtracted one that Qiscus no
+--   longer has, whose resolution is late; during an outage of the web app it is late for many pulls, not one.
 -- - A room whose assign call may have landed (settle_resolved_in_flight) is counted until a pull that started
 --   after the call ended: until then the count may only rise.
 -- - The count rises at once. It falls at once too when the pull subtracted no room of ours (counted = 0): then it
@@ -17,9 +21,16 @@ create function allocator.external_after_pull(a allocator.agents, by_hand intege
 returns integer
 language sql stable
 as $$
-  select greatest(by_hand,
-                  case when counted > 0 then least(a.external_load, a.external_seen) else 0 end,
-                  case when a.external_hold_until >= started_at then a.external_load else 0 end)
+  select case
+           when by_hand >= a.external_load then by_hand  -- a rise, or no change: no rule to check (the usual case)
+           else greatest(by_hand,
+                         case when counted > 0
+                              then greatest(least(a.external_load, a.external_seen),
+                                            (select count(*)::integer from allocator.sessions s
+                                             where s.late_service_id is not null and s.agent_id = a.id))
+                              else 0 end,
+                         case when a.external_hold_until >= started_at then a.external_load else 0 end)
+         end
 $$;
 
 -- Applies one pull of Qiscus's agent list (the `data.agents` objects of every page, as one jsonb array).
@@ -57,7 +68,8 @@ begin
   --              room resolved at or after started_at that Qiscus may have held until then (it was assigned, or
   --              resolved while its call was in flight: that attempt ended 'resolved'); a room resolved with its call
   --              still out; a room waiting for its retry after an ambiguous failure (holds_slot: the first call may
-  --              have landed).
+  --              have landed). Not a late landing whose service we know: that room is counted as held without us
+  --              (external_after_pull), and subtracting it from `seen` as well let a later pull drop it.
   --              A call reserved after the pull started is no less uncertain than one in flight when it started:
   --              left out of both sets, a room that landed before Qiscus read the count was counted twice (ours
   --              and by hand), and since `seen` kept it too, the two-pull rule kept the phantom through the next
@@ -68,7 +80,7 @@ begin
            count(*) filter (where s.state = 'reserved'
                                or (s.state = 'waiting' and s.holds_slot)
                                or (s.state = 'assigned' and s.assigned_at >= started_at)
-                               or (s.state = 'resolved'
+                               or (s.state = 'resolved' and s.late_service_id is null
                                    and (s.attempt_id is not null
                                         or (s.resolved_at >= started_at
                                             and (s.assigned_at is not null

@@ -206,6 +206,16 @@ function resolvedBy(room: string, service: number, by: number) {
   return { ...p, resolved_by: { ...p.resolved_by, id: by, type: 'agent' } };
 }
 
+/** The Mark-as-Resolved webhook of `service` in `room`, resolved by agent `by`, as the web app stores it. */
+function closeBy(p: pg.Pool, room: string, service: number, by: number) {
+  return p.query(`select * from allocator.accept_close_request($1::jsonb, 'test')`, [resolvedBy(room, service, by)]);
+}
+
+/** The listener reports Qiscus's 200 for reservation `r`, naming `service`. */
+function confirmWith(p: pg.Pool, r: Reservation, service: number) {
+  return p.query(`select allocator.confirm($1, $2)`, [r.attempt_id, service]);
+}
+
 async function totalLoadOf(pool: pg.Pool, agent: number): Promise<number> {
   return (await pool.query(`select total_load from allocator.agents where id = $1`, [agent])).rows[0].total_load;
 }
@@ -243,7 +253,7 @@ describe('found by the liveness soak (fixed; kept as regression tests)', () => {
     await queue(p, 'y');
     expect(await reserve(p)).toBeUndefined();
     // it lands: Qiscus opened a new service (115830002) with agent 1 in it
-    await p.query(`select allocator.confirm($1, $2)`, [retry.attempt_id, 115830002]);
+    await confirmWith(p, retry, 115830002);
     // agent 1 holds x again in Qiscus: still full until a roster pull shows otherwise
     expect(await totalLoadOf(p, 1)).toBe(1);
     expect(await reserve(p)).toBeUndefined();
@@ -297,7 +307,7 @@ describe('found by the liveness soak (fixed; kept as regression tests)', () => {
     const r = (await reserve(p))!;
     // a pull runs while x's call is out: it landed, Qiscus counts x, we have not confirmed it yet
     await pull(p, 1);
-    await p.query(`select allocator.confirm($1, $2)`, [r.attempt_id, 115830001]);
+    await confirmWith(p, r, 115830001);
     // the next pull starts after the call ended: Qiscus shows 1 room, ours is 1 → nobody assigned one by hand
     await pull(p, 1);
     await expectSecondSlotFree(p);
@@ -338,7 +348,7 @@ describe('found by the liveness soak (fixed; kept as regression tests)', () => {
     await p.query(`update allocator.sessions set next_attempt_at = now() where room_id = 'x'`); // skip the backoff
     const retry = (await reserve(p))!;
     expect([retry.room_id, retry.agent_id]).toEqual(['x', '1']);
-    await p.query(`select allocator.confirm($1, $2)`, [retry.attempt_id, 115830001]); // the repeat: 200
+    await confirmWith(p, retry, 115830001); // the repeat: 200
     await pull(p, 1); // starts after x is confirmed: Qiscus 1 room, ours 1
     await expectSecondSlotFree(p);
   });
@@ -359,14 +369,14 @@ describe('found by the liveness soak (fixed; kept as regression tests)', () => {
     await queue(p, 'x');
     const r = (await reserve(p))!;
     // an admin resolves x (service 115830001) while the call to agent 1 is in flight
-    await p.query(`select * from allocator.accept_close_request($1::jsonb, 'test')`, [resolvedBy('x', 115830001, 900001)]);
+    await closeBy(p, 'x', 115830001, 900001);
     // the call lands afterwards: Qiscus opened a new service, 115830002, with agent 1 in it
-    await p.query(`select allocator.confirm($1, $2)`, [r.attempt_id, 115830002]);
+    await confirmWith(p, r, 115830002);
     expect(await totalLoadOf(p, 1)).toBe(1); // counted: agent 1 holds x in Qiscus
     await queue(p, 'y');
     expect(await reserve(p)).toBeUndefined();
     // agent 1 resolves that service: x is no longer on agent 1
-    await p.query(`select * from allocator.accept_close_request($1::jsonb, 'test')`, [resolvedBy('x', 115830002, 1)]);
+    await closeBy(p, 'x', 115830002, 1);
     expect(await totalLoadOf(p, 1)).toBe(0);
     expect((await reserve(p))?.room_id).toBe('y');
   });
@@ -395,17 +405,17 @@ describe('found by the liveness soak (fixed; kept as regression tests)', () => {
     await addAgents(p, [1]); // capacity 2
     await queue(p, 'x');
     const rx = (await reserve(p))!;
-    await p.query(`select allocator.confirm($1, $2)`, [rx.attempt_id, 115830001]); // x: ours, on agent 1
+    await confirmWith(p, rx, 115830001); // x: ours, on agent 1
     await queue(p, 'y');
     const ry = (await reserve(p))!;
     expect([ry.room_id, ry.agent_id]).toEqual(['y', '1']);
     // an admin resolves y while its call is in flight; the call lands afterwards, on a new service
-    await p.query(`select * from allocator.accept_close_request($1::jsonb, 'test')`, [resolvedBy('y', 115830002, 900001)]);
-    await p.query(`select allocator.confirm($1, $2)`, [ry.attempt_id, 115830003]);
+    await closeBy(p, 'y', 115830002, 900001);
+    await confirmWith(p, ry, 115830003);
     expect(await totalLoadOf(p, 1)).toBe(2); // x ours, y held in Qiscus without us
     // a pull: agent 1 resolves x in Qiscus just before the pull reads (Qiscus counts y only), and x's webhook is
     // stored while the pull runs
-    await pull(p, 1, () => p.query(`select * from allocator.accept_close_request($1::jsonb, 'test')`, [resolvedBy('x', 115830001, 1)]));
+    await pull(p, 1, () => closeBy(p, 'x', 115830001, 1));
     // Qiscus shows agent 1 holding y: one slot is taken, whatever the pull subtracted
     expect(await totalLoadOf(p, 1)).toBeGreaterThanOrEqual(1);
   });
@@ -428,6 +438,80 @@ describe('found by the liveness soak (fixed; kept as regression tests)', () => {
     await pull(p, 1); // a supervisor gave agent 1 a room by hand: counted
     expect(await totalLoadOf(p, 1)).toBe(1);
     await pull(p, 0); // it is gone, and nothing of ours on agent 1 was resolved while this pull ran
+    expect(await totalLoadOf(p, 1)).toBe(0);
+    await queue(p, 'y');
+    expect((await reserve(p))?.room_id).toBe('y');
+  });
+
+  // Invariant 1. Chaos seed 1497994523 (one minute, at 0b257a8), agent 19 (capacity 2):
+  //   22.5-24.7  c00083 reserved for agent 19; Qiscus assigns it (service 115830086) and answers 200, but the
+  //              listener dies before reporting (PostgreSQL stopped 24.5-29.0 s)
+  //   25.2       agent 19 resolves c00083 in Qiscus; its webhook gets 503s and refused connections until 29.9 s
+  //   29.1-29.6  rescued; the retry reserved for agent 19 (uncertain)
+  //   29.95      the resolution is stored while the retry is in flight: the slot is kept
+  //   29.97      the retry lands on the resolved room (a new service, 115830129) and reports 200:
+  //              settle_resolved_in_flight counts c00083 on agent 19 as held without us (late_service_id)
+  //   29.7, 30.7 two pulls in a row read Qiscus's count while another room of ours on agent 19, resolved in Qiscus
+  //              during the outage, still waited for its webhook to get through: each subtracts that room from a
+  //              count that no longer has it (by_hand 0). The first pull started before the settle (the hold keeps
+  //              the count) but left external_seen 0; the second started after it, and the two-pull rule took
+  //              least(external_load 1, external_seen 0) = 0
+  //   30.8-31.3  the other room's webhook arrives; agent 19 (0 of 2 by our count) gets c00099 and c00117 →
+  //              Qiscus shows agent 19 holding 3 rooms.
+  // The two-pull rule guards against a resolution webhook that is late for one pull; during an outage it is late
+  // for as many pulls as the outage lasts. Expected: a late landing whose service the answer named surely holds
+  // the agent until that service's resolution arrives (what frees it: accept_close_request), whatever the pulls
+  // subtract meanwhile.
+  it('SQL: a late landing stays counted through any number of pulls while a resolution of ours is late', async () => {
+    db = await createTestDatabase();
+    const p = db.pool;
+    await addAgents(p, [1]); // capacity 2
+    await queue(p, 'x');
+    const rx = (await reserve(p))!;
+    await confirmWith(p, rx, 115830001); // x: ours, on agent 1
+    await queue(p, 'y');
+    const ry = (await reserve(p))!;
+    expect([ry.room_id, ry.agent_id]).toEqual(['y', '1']);
+    // Agent 1 resolves x in Qiscus: its webhook does not get through (the database is away for the web app).
+    // The first pull starts while y's call is in flight: Qiscus counts nothing yet (x resolved, y not landed).
+    const started = (await p.query(`select clock_timestamp() as t`)).rows[0].t;
+    // y is resolved (by an admin) while its call is in flight, and the call lands afterwards, on a new service
+    await closeBy(p, 'y', 115830002, 900001);
+    await confirmWith(p, ry, 115830003);
+    expect(await totalLoadOf(p, 1)).toBe(2); // x ours, y held in Qiscus without us
+    // the first pull's read saw y landed (Qiscus: 1 room, y); x still counts as ours: by_hand 0
+    await p.query(`select allocator.sync_agents($1::jsonb, $2, true)`, [roster(1), started]);
+    expect(await totalLoadOf(p, 1)).toBe(2);
+    // more pulls, all after the settle, all while x's webhook is still late: Qiscus shows y only
+    for (let i = 0; i < 3; i++) {
+      await pull(p, 1);
+      expect(await totalLoadOf(p, 1), `after pull ${i + 2}`).toBeGreaterThanOrEqual(2);
+    }
+    // x's webhook gets through: agent 1 holds y only, and has one slot free
+    await closeBy(p, 'x', 115830001, 1);
+    expect(await totalLoadOf(p, 1)).toBe(1);
+    await queue(p, 'z');
+    expect((await reserve(p))?.room_id).toBe('z');
+    expect(await reserve(p)).toBeUndefined(); // never a third
+    // agent 1 resolves y's new service: the count it added goes at once
+    await closeBy(p, 'y', 115830003, 1);
+    expect(await totalLoadOf(p, 1)).toBe(1);
+  });
+
+  // A late landing whose own resolution was stored before the late answer was reported (the agent resolved the new
+  // service at once): nothing holds the agent any more, so nothing is counted (else the count above would wait
+  // for a resolution that already came, for ever).
+  it('SQL: a late landing whose resolution already arrived is not counted', async () => {
+    db = await createTestDatabase();
+    const p = db.pool;
+    await setting(p, 'default_max_load', 1);
+    await addAgents(p, [1]);
+    await queue(p, 'x');
+    const r = (await reserve(p))!;
+    await closeBy(p, 'x', 115830001, 900001);
+    // the call lands on a new service, which agent 1 resolves before the listener reports the answer
+    await closeBy(p, 'x', 115830002, 1);
+    await confirmWith(p, r, 115830002);
     expect(await totalLoadOf(p, 1)).toBe(0);
     await queue(p, 'y');
     expect((await reserve(p))?.room_id).toBe('y');

@@ -142,6 +142,8 @@ export class Model {
   maxAttempts = 8;
   readonly agents = new Map<number, Agent>();
   readonly sessions: Session[] = []; // by id (id = index + 1)
+  /** "room:service" of every resolution webhook stored (settleResolvedInFlight asks whether a new service's came). */
+  private readonly resolutionsStored = new Set<string>();
   readonly attempts: Attempt[] = []; // by id (id = index + 1)
   hour = 0;
   routes: Route[] = []; // by id
@@ -289,6 +291,7 @@ export class Model {
 
   /** accept_close_request(payload with service.room_id, service.id = service). */
   acceptCloseRequest(room: string, service: number | null, by: number | null = null): WebhookResult {
+    if (service !== null) this.resolutionsStored.add(`${room}:${service}`); // every webhook is stored
     // the resolution of a service a late call opened: the count it added on the agent goes (once per agent), and
     // the webhook is 'resolved' whatever else it does; then it applies like any other resolution
     const late = this.sessions.filter((s) => s.room === room && service !== null && s.lateServiceId === service);
@@ -447,7 +450,9 @@ export class Model {
     const s = this.sessions.find((q) => q.state === 'resolved' && q.attemptId === attemptId);
     if (!s) return false;
     const agent = this.agents.get(s.agentId!)!;
-    if (maybeLanded && (service === null || service !== s.serviceId)) {
+    // a new service whose resolution is stored already: it landed, then was resolved
+    const resolvedAlready = service !== null && this.resolutionsStored.has(`${s.room}:${service}`);
+    if (maybeLanded && (service === null || service !== s.serviceId) && !resolvedAlready) {
       agent.load -= 1;
       agent.externalLoad += 1;
       if (service !== null) s.lateServiceId = service; // its own resolution frees the count (acceptCloseRequest)
@@ -541,8 +546,11 @@ export class Model {
         changed += 1;
         continue;
       }
-      // up at once; down at once when none of ours was subtracted, else as far as the previous pull agrees
-      const external = Math.max(ext, this.ours(e.id) > 0 ? Math.min(a.externalLoad, a.externalSeen) : 0);
+      // up at once; down at once when none of ours was subtracted, else as far as the previous pull agrees, and
+      // never below the late landings whose service's resolution has not come
+      const late = this.sessions.filter((q) => q.agentId === e.id && q.lateServiceId !== null).length;
+      const external =
+        ext >= a.externalLoad ? ext : Math.max(ext, this.ours(e.id) > 0 ? Math.max(Math.min(a.externalLoad, a.externalSeen), late) : 0);
       const same =
         a.type === e.type && a.isAvailable === e.isAvailable && a.forceOffline === e.forceOffline && a.present &&
         a.qiscusLoad === e.count && a.externalLoad === external && a.externalSeen === seen &&
@@ -572,7 +580,7 @@ export class Model {
     return changed;
   }
 
-  /** A new session takes its route (trigger set_session_route). */
+  /** A new session takes its route (trigger place_new_session). */
   private route(s: Session): void {
     const r = this.routeFor(s);
     s.divisionIds = r?.divisionIds ?? null;
