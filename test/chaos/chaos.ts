@@ -1262,7 +1262,48 @@ export async function runChaos(opts: ChaosOptions = {}): Promise<ChaosReport> {
     const lateChanges = membershipChanges
       .map((c, i) => ({ ...c, lag: lags[i] }))
       .filter((c) => c.lag === null || c.lag === undefined || c.lag > MEMBERSHIP_PICKUP_MS);
+    // ---------- liveness figures ----------
+    const firstCall = new Map<string, NonNullable<typeof tap.calls[number]>>();
+    for (const c of tap.calls) {
+      const k = `${c.room}#${String(c.session)}`;
+      if (!firstCall.has(k)) firstCall.set(k, c);
+    }
+    const decidedByRoom = new Map<string, number[]>();
+    for (const a of sim.assignments) {
+      const xs = decidedByRoom.get(a.room_id) ?? [];
+      xs.push(a.at);
+      decidedByRoom.set(a.room_id, xs);
+    }
+    const toCall: number[] = [];
+    /** Rooms of the sessions (with a free slot) slower than the p95 bound: their timelines when the check fails. */
+    const slowRooms: string[] = [];
+    /** Sessions (with a free slot) slower than the p95 bound, by the excuses their waits had (none: unexcused). */
+    const slowBy: Record<string, number> = {};
+    const toDecided: number[] = [];
+    const toCallAll: number[] = [];
+    let neverCalled = 0;
+    for (const x of sessionLog) {
+      const c = firstCall.get(`${x.room}#${x.session}`);
+      if (!c) {
+        neverCalled++;
+        continue;
+      }
+      const d = Math.max(0, c.start - x.acceptedAt);
+      toCallAll.push(d);
+      if (!x.hadFreeSlot) continue;
+      toCall.push(d);
+      if (d > WEBHOOK_TO_ASSIGN_P95_MS) {
+        slowRooms.push(x.room);
+        const why = [...(liveness.roomExcuses.get(`${x.room}#${x.session}`) ?? [])].sort().join(' + ') || 'none';
+        slowBy[why] = (slowBy[why] ?? 0) + 1;
+      }
+      const at = (decidedByRoom.get(x.room) ?? []).find((t) => t >= c.start);
+      if (at !== undefined) toDecided.push(Math.max(0, at - x.acceptedAt));
+    }
+    const webhookToAssign = latencies(toCall);
+
     for (const room of overCapacity) implicate(room, 'on an agent over capacity');
+    if (!(webhookToAssign.p95 <= WEBHOOK_TO_ASSIGN_P95_MS)) for (const room of slowRooms) implicate(room, 'webhook → assign call slower than the p95 bound');
     for (const [k] of twice) implicate(k.slice(0, k.lastIndexOf('#')), 'assigned twice in one session');
     for (const m of mismatches) implicate(/^room (\S+):/.exec(m)?.[1] ?? '', 'Qiscus and the database disagree');
     for (const v of violations) implicate(v.room, 'liveness: waited with a free agent');
@@ -1357,42 +1398,6 @@ export async function runChaos(opts: ChaosOptions = {}): Promise<ChaosReport> {
     const startFailures = slots.flatMap((s) => s.startFailures);
     const errorExamples = slots.flatMap((s) => s.errorLines().slice(0, 3).map((l) => `${s.name}: ${l.slice(0, 300)}`));
 
-    // ---------- liveness figures ----------
-    const firstCall = new Map<string, NonNullable<typeof tap.calls[number]>>();
-    for (const c of tap.calls) {
-      const k = `${c.room}#${String(c.session)}`;
-      if (!firstCall.has(k)) firstCall.set(k, c);
-    }
-    const decidedByRoom = new Map<string, number[]>();
-    for (const a of sim.assignments) {
-      const xs = decidedByRoom.get(a.room_id) ?? [];
-      xs.push(a.at);
-      decidedByRoom.set(a.room_id, xs);
-    }
-    const toCall: number[] = [];
-    /** Sessions (with a free slot) slower than the p95 bound, by the excuses their waits had (none: unexcused). */
-    const slowBy: Record<string, number> = {};
-    const toDecided: number[] = [];
-    const toCallAll: number[] = [];
-    let neverCalled = 0;
-    for (const x of sessionLog) {
-      const c = firstCall.get(`${x.room}#${x.session}`);
-      if (!c) {
-        neverCalled++;
-        continue;
-      }
-      const d = Math.max(0, c.start - x.acceptedAt);
-      toCallAll.push(d);
-      if (!x.hadFreeSlot) continue;
-      toCall.push(d);
-      if (d > WEBHOOK_TO_ASSIGN_P95_MS) {
-        const why = [...(liveness.roomExcuses.get(`${x.room}#${x.session}`) ?? [])].sort().join(' + ') || 'none';
-        slowBy[why] = (slowBy[why] ?? 0) + 1;
-      }
-      const at = (decidedByRoom.get(x.room) ?? []).find((t) => t >= c.start);
-      if (at !== undefined) toDecided.push(Math.max(0, at - x.acceptedAt));
-    }
-    const webhookToAssign = latencies(toCall);
     const ms = (x: number) => (Number.isNaN(x) ? '-' : `${Math.round(x)} ms`);
     const lf = liveness.figures;
 
