@@ -188,6 +188,7 @@ declare
   r        jsonb;
   rooms    text[];
   room     text;
+  held     bigint[];
   o        text;
   sid      bigint;
   wid      bigint;
@@ -209,9 +210,14 @@ begin
         perform allocator.lock_room(room);
       end if;
     end loop;
-    perform from allocator.sessions s where s.room_id = any (rooms) order by s.id for update;
+    -- the rows accept_close_request writes: each room's last session, the sessions of late landings, their agents
+    -- (not the rooms' older sessions: retention deletes those, in an order of its own)
+    held := array(select (select q.id from allocator.sessions q where q.room_id = u.room order by q.id desc limit 1)
+                  from unnest(rooms) as u(room))
+            || array(select q.id from allocator.sessions q where q.room_id = any (rooms) and q.late_service_id is not null);
+    perform from allocator.sessions s where s.id = any (held) order by s.id for update;
     perform from allocator.agents a
-    where a.id = any (array(select s.agent_id from allocator.sessions s where s.room_id = any (rooms)))
+    where a.id = any (array(select s.agent_id from allocator.sessions s where s.id = any (held)))
     order by a.id
     for no key update;
   end if;
