@@ -9,12 +9,12 @@
 -- and capacity() below is the one capacity expression.
 --------------------------------------------------------------------------------------------------------------------
 
--- Capacity of one agent. Inlined by the planner where it is used in a query; the setting is read in a sub-select,
--- so that over many agents it becomes one InitPlan, read once.
+-- Capacity of one agent. Inlined by the planner where it is used in a query, which a sub-select would prevent: so
+-- the default is read per agent row that has no max_load (setting() is cheap, and a DBA's change applies at once).
 create function allocator.capacity(max_load integer)
 returns integer
 language sql stable
-as $$ select coalesce(max_load, allocator.default_max_load()) $$;  -- no sub-select: inlined where it is used
+as $$ select coalesce(max_load, allocator.default_max_load()) $$;
 
 -- May agent `a` be given one more room now: online, not paused (accepting), and below its capacity? The one
 -- eligibility rule, inlined where it is used (the held-room retry alone asks less: only `online`, see reserve_held).
