@@ -4,6 +4,7 @@ import { fixture, newRequest, resolvedRequest, returningRequest } from '../suppo
 import type { RequestObservation } from '../../src/http/request-context.ts';
 import { addAgents, assignAll } from '../support/sql.ts';
 import { appWithDatabase, get, post, startApp } from './harness.ts';
+import { eventually } from '../support/processes.ts';
 
 const web = appWithDatabase();
 const NEW = '/api/v1/new_request';
@@ -175,6 +176,36 @@ describe('health', () => {
 });
 
 describe('concurrency', () => {
+  it('a resolution whose batch loses a deadlock is sent again and answered 200, not 503', async () => {
+    // A DBA's transaction holds room dl-1's session row, the web app's batch holds the room's lock and waits for
+    // that row; then the DBA's transaction asks for the room's lock. PostgreSQL breaks the cycle by aborting the
+    // transaction that waited first (the web app's): the batch is sent again once the row is free.
+    const room = 'dl-1';
+    await addAgents(web.db.pool, [8800]);
+    expect((await post(web.app.url + NEW, newRequest(room))).status).toBe(200);
+    await assignAll(web.db.pool);
+    const dba = await web.db.pool.connect();
+    try {
+      await dba.query('begin');
+      await dba.query(`select from allocator.sessions where room_id = $1 for update`, [room]);
+      const reply = post(web.app.url + CLOSE, resolvedRequest(room));
+      await eventually('the web app waits for the row', async () => {
+        const w = await web.db.pool.query(
+          `select count(*)::int as n from pg_stat_activity
+           where application_name = 'allocator' and wait_event_type = 'Lock' and query like '%accept_requests%'`);
+        return w.rows[0].n > 0;
+      }, 5_000);
+      await dba.query(`select pg_advisory_xact_lock(1364, hashtext($1))`, [room]); // the web app's batch is the victim
+      await dba.query('commit');
+      const r = await reply;
+      expect([r.status, r.json.outcome]).toEqual([200, 'resolved']);
+    } finally {
+      dba.release();
+    }
+    const s = await web.db.pool.query(`select state::text from allocator.sessions where room_id = $1`, [room]);
+    expect(s.rows).toEqual([{ state: 'resolved' }]);
+  });
+
   it('200 concurrent copies of one allocation webhook leave exactly one open session', async () => {
     const room = '5559999';
     const replies = await Promise.all(Array.from({ length: 200 }, () => post(web.app.url + NEW, newRequest(room))));
