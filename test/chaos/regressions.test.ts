@@ -206,6 +206,17 @@ function resolvedBy(room: string, service: number, by: number) {
   return { ...p, resolved_by: { ...p.resolved_by, id: by, type: 'agent' } };
 }
 
+/** Agent 1 (capacity 2) holds x, a room of ours (service 115830001), and y's call to it is in flight: y's reservation. */
+async function roomOfOursAndOneInFlight(p: pg.Pool): Promise<Reservation> {
+  await addAgents(p, [1]);
+  await queue(p, 'x');
+  await confirmWith(p, (await reserve(p))!, 115830001);
+  await queue(p, 'y');
+  const ry = (await reserve(p))!;
+  expect([ry.room_id, ry.agent_id]).toEqual(['y', '1']);
+  return ry;
+}
+
 /** The Mark-as-Resolved webhook of `service` in `room`, resolved by agent `by`, as the web app stores it. */
 function closeBy(p: pg.Pool, room: string, service: number, by: number) {
   return p.query(`select * from allocator.accept_close_request($1::jsonb, 'test')`, [resolvedBy(room, service, by)]);
@@ -402,13 +413,7 @@ describe('found by the liveness soak (fixed; kept as regression tests)', () => {
   it('SQL: a room counted after a late landing is not dropped by the next pull that also sees a room of ours resolved', async () => {
     db = await createTestDatabase();
     const p = db.pool;
-    await addAgents(p, [1]); // capacity 2
-    await queue(p, 'x');
-    const rx = (await reserve(p))!;
-    await confirmWith(p, rx, 115830001); // x: ours, on agent 1
-    await queue(p, 'y');
-    const ry = (await reserve(p))!;
-    expect([ry.room_id, ry.agent_id]).toEqual(['y', '1']);
+    const ry = await roomOfOursAndOneInFlight(p);
     // an admin resolves y while its call is in flight; the call lands afterwards, on a new service
     await closeBy(p, 'y', 115830002, 900001);
     await confirmWith(p, ry, 115830003);
@@ -465,13 +470,7 @@ describe('found by the liveness soak (fixed; kept as regression tests)', () => {
   it('SQL: a late landing stays counted through any number of pulls while a resolution of ours is late', async () => {
     db = await createTestDatabase();
     const p = db.pool;
-    await addAgents(p, [1]); // capacity 2
-    await queue(p, 'x');
-    const rx = (await reserve(p))!;
-    await confirmWith(p, rx, 115830001); // x: ours, on agent 1
-    await queue(p, 'y');
-    const ry = (await reserve(p))!;
-    expect([ry.room_id, ry.agent_id]).toEqual(['y', '1']);
+    const ry = await roomOfOursAndOneInFlight(p);
     // Agent 1 resolves x in Qiscus: its webhook does not get through (the database is away for the web app).
     // The first pull starts while y's call is in flight: Qiscus counts nothing yet (x resolved, y not landed).
     const started = (await p.query(`select clock_timestamp() as t`)).rows[0].t;
