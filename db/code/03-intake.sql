@@ -197,6 +197,11 @@ declare
   hooks    bigint[] := '{}';
   codes    text[] := '{}';
   errors   text[] := '{}';
+  alone    boolean := false;
+  total    integer;
+  i        integer;
+  k        integer;
+  upto     integer;
 begin
   if kind not in ('new_request', 'close_request') then
     raise exception 'accept_requests: unknown kind %', kind using errcode = 'invalid_parameter_value';
@@ -224,28 +229,16 @@ begin
 
   -- All in one subtransaction first: one per webhook cost a subtransaction id and its bookkeeping for every
   -- webhook (a third of PostgreSQL's time per webhook in a batch of 64). Only when one fails is the batch done
-  -- again, each webhook in a subtransaction of its own. (The call is written in both loops rather than in a helper
-  -- function: with a PL/pgSQL function between them, a call in progress while `npm run migrate` re-applied
-  -- db/code failed with "cache lookup failed for function", test/sql/code.test.ts.)
-  begin
-    for r in select x from jsonb_array_elements(requests) x loop
-      if kind = 'new_request' then
-        select a.outcome, a.session_id, a.webhook_id into o, sid, wid
-        from allocator.accept_new_request(r -> 'payload', r ->> 'request_id') a;
-      else
-        select a.outcome, a.session_id, a.webhook_id into o, sid, wid
-        from allocator.accept_close_request(r -> 'payload', r ->> 'request_id') a;
-      end if;
-      outcomes := outcomes || o;
-      sessions := sessions || sid;
-      hooks := hooks || wid;
-    end loop;
-    codes := array_fill(null::text, array[cardinality(outcomes)]);
-    errors := codes;
-  exception when others then
-    outcomes := '{}'; sessions := '{}'; hooks := '{}';
-    for r in select x from jsonb_array_elements(requests) x loop
-      begin
+  -- again (`alone`), each webhook in a subtransaction of its own: the block below then covers one webhook. (One call
+  -- site, not a helper function: with a PL/pgSQL function between them, a call in progress while `npm run migrate`
+  -- re-applied db/code failed with "cache lookup failed for function", test/sql/code.test.ts.)
+  total := jsonb_array_length(requests);
+  i := 0;
+  while i < total loop
+    upto := case when alone then i else total - 1 end;
+    begin
+      for k in i .. upto loop
+        r := requests -> k;
         if kind = 'new_request' then
           select a.outcome, a.session_id, a.webhook_id into o, sid, wid
           from allocator.accept_new_request(r -> 'payload', r ->> 'request_id') a;
@@ -258,15 +251,23 @@ begin
         hooks := hooks || wid;
         codes := codes || null::text;
         errors := errors || null::text;
-      exception when others then
+      end loop;
+      i := upto + 1;
+    exception when others then
+      if alone then  -- this webhook alone failed: its row carries the error
         outcomes := outcomes || null::text;
         sessions := sessions || null::bigint;
         hooks := hooks || null::bigint;
         codes := codes || sqlstate;
         errors := errors || sqlerrm;
-      end;
-    end loop;
-  end;
+        i := i + 1;
+      else  -- the batch was rolled back: start again, one webhook at a time
+        alone := true;
+        outcomes := '{}'; sessions := '{}'; hooks := '{}'; codes := '{}'; errors := '{}';
+        i := 0;
+      end if;
+    end;
+  end loop;
   return query select u.n::integer, u.o, u.s, u.w, u.c, u.e
                from unnest(outcomes, sessions, hooks, codes, errors) with ordinality as u(o, s, w, c, e, n);
 end;
