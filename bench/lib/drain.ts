@@ -53,6 +53,10 @@ export interface DrainOptions {
   divisions: number;
   /** Give up after this long (the run is then reported as incomplete, with what was done). */
   timeoutMs: number;
+  /** The roster was pulled a moment before (allocator.roster_pulls), as a listener that ran before this one, or
+   * runs beside it, leaves it: the listener serves at once and pulls beside its first calls (a restart, a deploy, a
+   * listener added). Off: a first start, the roster pulled before the first call. */
+  rosterPulled: boolean;
 }
 
 export function drainOptions(over: Partial<DrainOptions> = {}): DrainOptions {
@@ -66,6 +70,7 @@ export function drainOptions(over: Partial<DrainOptions> = {}): DrainOptions {
     snapshot: false,
     divisions: 0,
     timeoutMs: envInt('BENCH_DRAIN_TIMEOUT_SECONDS', 240) * 1000,
+    rosterPulled: true,
     ...over,
   };
 }
@@ -76,6 +81,7 @@ export interface DrainRun {
   analyzed: boolean;
   snapshot: boolean;
   rooms: number;
+  rosterPulled: boolean;
   /** Rooms whose outcome was committed (all of them unless the run timed out). */
   done: number;
   completed: boolean;
@@ -130,6 +136,9 @@ const quietGwLogger = new GwLogger(() => () => {});
 async function prepare(c: pg.Client, db: BenchDatabase, peer: Peer, o: DrainOptions): Promise<void> {
   if (peer.kind === 'listener') {
     await c.query(INSERT_AGENTS_SQL, [1, o.agents]);
+    if (o.rosterPulled) {
+      await c.query(`update allocator.roster_pulls set started_at = clock_timestamp(), agents = $1`, [o.agents]);
+    }
     if (o.divisions > 0) {
       await c.query(INSERT_DIVISIONS_SQL, [o.agents, o.divisions]);
       await c.query(`insert into allocator.routes (channel_id, division_ids)
@@ -294,6 +303,7 @@ export async function drainRun(ctx: BenchContext, peer: Peer, o: DrainOptions, l
       analyzed: o.analyze,
       snapshot: o.snapshot,
       rooms: o.rooms,
+      rosterPulled: o.rosterPulled,
       done,
       completed,
       seconds: round((end - t0) / 1000),
@@ -326,7 +336,8 @@ export function describe(r: DrainRun): string {
     .map(([k, v]) => `${k} ${v ?? '—'}`)
     .join(', ');
   return (
-    `${peerName(r.peer)}${r.snapshot ? ' + snapshot' : ''}${r.analyzed ? '' : ' (no ANALYZE)'}: ` +
+    `${peerName(r.peer)}${r.snapshot ? ' + snapshot' : ''}${r.analyzed ? '' : ' (no ANALYZE)'}` +
+    `${r.peer.kind === 'listener' && !r.rosterPulled ? ' (first start)' : ''}: ` +
     `${r.roomsPerSecond} rooms/s (${r.done}/${r.rooms} in ${r.seconds} s${r.completed ? '' : ', TIMED OUT'}; ` +
     `startup ${r.startupSeconds} s, steady ${r.steadyRoomsPerSecond}/s, first 5k ${r.first5kRoomsPerSecond}/s, ` +
     `last 5k ${r.last5kRoomsPerSecond}/s); CPU ms/room: ${cpu}; others ${r.cpu.othersCores} cores; ` +

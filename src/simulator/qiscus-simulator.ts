@@ -66,6 +66,8 @@ export interface Faults {
   script: ScriptStep[];
   /** Also apply latency / hang / 429 / 5xx to the agents list. */
   faultsOnList: boolean;
+  /** Delay before each agents-list page is answered, whatever the other faults (a slow roster pull). */
+  listLatencyMs: number;
   /**
    * Delay between deciding an assign call (performing it, for a success) and sending its answer: fixed, or uniform
    * in [min, max]. With `latencyMs` (the delay before deciding) this splits a slow call into "not yet at Qiscus" and
@@ -293,6 +295,7 @@ function defaultFaults(): Faults {
     rejectAgents: new Set(),
     script: [],
     faultsOnList: false,
+    listLatencyMs: 0,
     answerDelayMs: 0,
     dropIfClientGone: false,
   };
@@ -642,6 +645,10 @@ export async function startSimulator(opts: SimulatorOptions = {}): Promise<Simul
     if (outage?.list) {
       outage.listCalls += 1;
       return send(res, LIST_ROUTE, errorAnswer(outage.status, { message: 'Service Unavailable' }));
+    }
+    if (faults.listLatencyMs > 0) {
+      await sleep(faults.listLatencyMs);
+      if (closed) return;
     }
     if (faults.faultsOnList) {
       if (!(await applyLatency())) return;

@@ -167,6 +167,56 @@ describe('invariants, end to end', () => {
   });
 });
 
+describe('start', () => {
+  // A listener restarted (a deploy) or added beside a running one finds a roster pulled less than AGENT_SYNC_SECONDS
+  // ago, as fresh as the one a running listener serves from between its pulls: it serves at once and pulls beside
+  // its first calls. One that finds the roster older pulls it first. Qiscus answers the agents list slowly here, so
+  // the two paths are told apart by when the assign call went out against when the new listener's pull could end.
+  const SLOW_LIST_MS = 2000;
+
+  /** One listener pulls the roster of agent 1 and stops; then Qiscus lists slowly and a room waits. */
+  async function rosterPulledThenStopped() {
+    const s = await setup({ agents: agents(1) });
+    await s.stack.listeners[0]!.stop();
+    s.sim.setFaults({ listLatencyMs: SLOW_LIST_MS });
+    const pulls = s.sim.listRequests.length;
+    await accepted(s.sim.sendNewRequest('r1'));
+    return { ...s, newPull: () => s.sim.listRequests[pulls] };
+  }
+
+  const assignCall = (sim: Stack['sim'], room: string) => sim.assignments.find((a) => a.room_id === room && a.status === 200);
+
+  it('a listener started just after a roster pull serves at once, and still pulls', async () => {
+    const { db, sim, stack, newPull } = await rosterPulledThenStopped();
+    const before = (await db.pool.query(`select started_at from allocator.roster_pulls`)).rows[0].started_at as Date;
+    await stack.startListener();
+    // Bound: the listener's start, far less than its pull takes
+    await eventually('assigned', () => sim.agentOf('r1') === 1, SLOW_LIST_MS);
+    expect(assignCall(sim, 'r1')!.at).toBeLessThan(newPull()!.at + SLOW_LIST_MS);
+    // Bound: the slow pull, plus 3 s for a loaded machine
+    await eventually('pulled beside the first call', async () => {
+      const r = await db.pool.query(`select started_at from allocator.roster_pulls`);
+      return (r.rows[0].started_at as Date) > before;
+    }, SLOW_LIST_MS + 3000);
+    expect(await invariants(db.pool)).toEqual([]);
+  });
+
+  it('a listener that finds the roster older than AGENT_SYNC_SECONDS pulls it before its first call', async () => {
+    const { db, sim, stack, newPull } = await rosterPulledThenStopped();
+    await db.pool.query(`update allocator.roster_pulls set started_at = now() - interval '1 hour'`);
+    // Meanwhile agent 1 went offline and agent 2 came: the roster in the database says otherwise.
+    sim.setAgent(1, { is_available: false });
+    sim.addAgent({ id: 2, name: 'Agent 2' });
+    await stack.startListener();
+    // Bound: the listener's start and its pull, plus 3 s for a loaded machine
+    await eventually('assigned', () => sim.agentOf('r1') === 2, SLOW_LIST_MS + 3000);
+    expect(assignCall(sim, 'r1')!.at).toBeGreaterThanOrEqual(newPull()!.at + SLOW_LIST_MS);
+    expect(sim.roomsOf(1)).toEqual([]);
+    expect(sim.stats.assignedWhileOffline).toBe(0);
+    expect(await invariants(db.pool)).toEqual([]);
+  });
+});
+
 describe('failures', () => {
   it('a listener started while Qiscus lists no agents pulls its roster within seconds of Qiscus answering', async () => {
     // As when every service of a deployment starts at once: the first pull fails, and the next scheduled one is

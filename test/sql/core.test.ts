@@ -582,6 +582,25 @@ describe('roster sync', () => {
     ]);
   });
 
+  it('notes when the newest complete pull began: roster_fresh says whether a starting listener may serve from it', async () => {
+    const fresh = async (seconds: number) =>
+      (await db.pool.query(`select allocator.roster_fresh($1) as f`, [seconds])).rows[0].f as boolean;
+    await db.pool.query(`update allocator.roster_pulls set started_at = null`); // as migrated (tests share the database)
+    expect(await fresh(30)).toBe(false); // never pulled
+    await db.pool.query(`select allocator.sync_agents($1, now() - interval '60 seconds', false)`, [roster([agent(1)])]);
+    expect(await fresh(3600)).toBe(false); // an incomplete pull (pages missing) says nothing about the roster
+    await db.pool.query(`select allocator.sync_agents($1, now() - interval '60 seconds')`, [roster([agent(1), agent(2)])]);
+    expect(await fresh(30)).toBe(false);
+    expect(await fresh(90)).toBe(true);
+    await db.pool.query(`select allocator.sync_agents($1, now() - interval '5 seconds')`, [roster([agent(1)])]);
+    expect(await fresh(30)).toBe(true);
+    // two listeners' pulls commit in either order: an older one committed last does not make the roster look older
+    await db.pool.query(`select allocator.sync_agents($1, now() - interval '60 seconds')`, [roster([agent(1), agent(2)])]);
+    expect(await fresh(30)).toBe(true);
+    const p = await db.pool.query(`select agents from allocator.roster_pulls`);
+    expect(p.rows).toEqual([{ agents: 1 }]);
+  });
+
   it('raises the by-hand count at once; lowers it at once when the pull subtracted none of ours, else when two pulls agree', async () => {
     const sync = (count: number) => db.pool.query(`select allocator.sync_agents($1, now())`, [roster([agent(1, count)])]);
     const external = async () => (await db.pool.query(`select external_load from allocator.agents`)).rows[0].external_load;
