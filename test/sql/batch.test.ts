@@ -271,6 +271,34 @@ describe('report(outcomes)', () => {
     expect(await sessionOf(db.pool, 'd')).toMatchObject({ state: 'waiting', attempts: 0 });
   });
 
+  it('confirms current reservations in one set; a stale one, one resolved in flight, one listed twice as confirm() would', async () => {
+    await addAgents(db.pool, [1, 2, 3]);
+    for (const r of ['a', 'b', 'c']) await queue(db.pool, r);
+    const rs = (await db.pool.query(`select * from allocator.reserve(null, 3)`)).rows;
+    const by = Object.fromEntries(rs.map((r) => [r.room_id, r]));
+    await resolve(db.pool, 'b'); // resolved in Qiscus while its call was out: the answer then names a new service
+    await db.pool.query(`update allocator.qiscus_health set down_since = now()`); // any answer says Qiscus is up
+    const out = await db.pool.query(`select attempt_id, result from allocator.report($1::jsonb)`, [
+      JSON.stringify([
+        { attempt: by.a.attempt_id, outcome: 'assigned', service: 5 },
+        { attempt: by.b.attempt_id, outcome: 'assigned', service: 6 },
+        { attempt: by.c.attempt_id, outcome: 'assigned', service: 7 },
+        { attempt: by.c.attempt_id, outcome: 'assigned', service: 7 },
+      ]),
+    ]);
+    expect(out.rows.map((r) => r.result)).toEqual(['true', 'false', 'true', 'false']);
+    expect(await sessionOf(db.pool, 'a')).toMatchObject({ state: 'assigned', service_id: '5', attempt_id: null, owner: null });
+    expect(await sessionOf(db.pool, 'c')).toMatchObject({ state: 'assigned', service_id: '7', holds_slot: false });
+    // b landed after its resolution: held without us until service 6's own resolution arrives
+    expect(await sessionOf(db.pool, 'b')).toMatchObject({ state: 'resolved', late_service_id: '6', attempt_id: null });
+    const agentOfB = Number(by.b.agent_id);
+    const a = await db.pool.query(`select our_load, external_load from allocator.agents where id = $1`, [agentOfB]);
+    expect(a.rows[0]).toEqual({ our_load: 0, external_load: 1 });
+    const attempts = await db.pool.query(`select outcome, count(*)::int as n from allocator.attempts group by 1 order by 1`);
+    expect(attempts.rows).toEqual([{ outcome: 'assigned', n: 2 }, { outcome: 'resolved', n: 1 }]);
+    expect((await db.pool.query(`select down_since from allocator.qiscus_health`)).rows[0].down_since).toBeNull();
+  });
+
   it('refuses an unknown outcome, changing nothing', async () => {
     await addAgents(db.pool, [1]);
     await queue(db.pool, 'a');
