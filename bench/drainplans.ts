@@ -5,6 +5,7 @@
  *   start          20,000 rooms waiting, 10,000 free agents, ANALYZE done;
  *   start, fresh   the same, never analysed (the planner sees the migration's empty tables);
  *   15k drained    after 15,000 of the rooms were reserved and confirmed (8 at a time, like a listener), no snapshot;
+ *   15k, vacuumed  the same after a VACUUM (as when autovacuum happens to run during a drain);
  *   15k, pinned    the same while another session held a REPEATABLE READ snapshot from before the drain.
  * Buffers touched are the noise-free twin of time. Every nested statement's plan (auto_explain at NOTICE level, in
  * this session only) is summed by statement, so the costly one is named; the full plans of one call are written
@@ -194,6 +195,9 @@ export async function runDrainPlans(ctx: BenchContext): Promise<PartResult> {
     ctx.log(`after ${drained} drained, no snapshot`);
     await drainSome(c, drained, 8);
     states.push(await measure(c, `${drained} drained`, reps));
+    // The same after a VACUUM, as when autovacuum happens to run during a drain: what the dead versions cost.
+    await c.query('vacuum allocator.sessions, allocator.agents, allocator.attempts');
+    states.push(await measure(c, `${drained} drained, vacuumed`, reps));
     await c.end();
     await db.drop();
   }
