@@ -59,6 +59,35 @@ describe('reserve(owner, batch)', () => {
   });
 });
 
+describe('reserve(owner, batch): two listeners at the same head', () => {
+  it('a batch whose head another batch holds reads further down the queue, not one room at a time', async () => {
+    await addAgents(db.pool, Array.from({ length: 20 }, (_, i) => i + 1));
+    for (let i = 1; i <= 30; i++) await queue(db.pool, `r${i}`);
+    const a = await db.client();
+    const b = await db.client();
+    try {
+      await a.query('begin');
+      const held = (await a.query(`select room_id from allocator.reserve(null, 12)`)).rows.map((r) => r.room_id);
+      expect(held).toEqual(Array.from({ length: 12 }, (_, i) => `r${i + 1}`)); // uncommitted: r1-r12 locked
+      await b.query('begin');
+      await b.query(`set local track_functions = 'pl'`);
+      const got = (await b.query(`select room_id from allocator.reserve(null, 4) order by attempt_id`)).rows.map((r) => r.room_id);
+      expect(got).toEqual(['r13', 'r14', 'r15', 'r16']);
+      // All four from the batch: before, it read only the first 8 agents and 8 rooms, all held by the other batch,
+      // and the four went one at a time (reserve_next).
+      const calls = await b.query(`select funcname, calls::int from pg_stat_xact_user_functions
+                                   where schemaname = 'allocator' and funcname in ('reserve_batch', 'reserve_next')
+                                   order by funcname`);
+      expect(calls.rows).toEqual([{ funcname: 'reserve_batch', calls: 1 }]);
+      await b.query('commit');
+      await a.query('commit');
+    } finally {
+      await a.end();
+      await b.end();
+    }
+  });
+});
+
 describe('reserve(owner, batch): the set-based pairing', () => {
   it('pairs the oldest rooms with the best agents, in order, each agent once per batch', async () => {
     await addAgents(db.pool, [1, 2, 3]);
