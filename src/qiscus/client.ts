@@ -43,6 +43,9 @@ export interface QiscusClient {
   assignAgent(roomId: string, agentId: number): Promise<AssignResult>;
 }
 
+/** Errors of a connection reset under a request (see call()). */
+const RESET_CODES = new Set(['ECONNRESET', 'EPIPE']);
+
 /** Pages of the agents list asked for at once (see listAllAgents). */
 const PAGE_CONCURRENCY = 4;
 
@@ -61,6 +64,7 @@ export function createQiscusClient(opts: QiscusClientOptions): QiscusClient {
     agent,
     headers: { 'Qiscus-App-Id': opts.appId, 'Qiscus-Secret-Key': opts.secretKey, accept: 'application/json' },
     // Retries are decided in SQL (attempt counts, backoff, queue order); a hidden retry here would double them.
+    // The one exception, a connection reset before any answer, is in call().
     retry: { limit: 0 },
     // Non-2xx answers come back as responses so we can classify them and read Qiscus's message.
     throwHttpErrors: false,
@@ -76,7 +80,15 @@ export function createQiscusClient(opts: QiscusClientOptions): QiscusClient {
   ): Promise<z.output<S>> {
     let res: Response<string>;
     try {
-      res = await send();
+      res = await send().catch((e: unknown) => {
+        // A connection reset before any answer is, nearly always, a kept-alive connection the server (or a proxy)
+        // closed as we reused it: the request never got there. Sent again at once, once, on a new connection, as
+        // HTTP clients do. Otherwise the room would wait out a backoff holding its agent's slot (the call "may have
+        // landed"), and every room only that agent may serve with it. If it did land, this is the same call to the
+        // same agent, which Qiscus treats as a repeat (the design's retry after an ambiguous failure is the same).
+        if (e instanceof RequestError && RESET_CODES.has(e.code) && e.response === undefined) return send();
+        throw e;
+      });
     } catch (e) {
       // No HTTP answer at all: timeouts, refused/reset connections, DNS. All worth another try later.
       const code = e instanceof RequestError ? e.code : undefined;

@@ -1,10 +1,13 @@
+import { readFileSync } from 'node:fs';
 import { createServer } from 'node:http';
+import path from 'node:path';
 import type { AddressInfo } from 'node:net';
 import { afterEach, describe, expect, it } from 'vitest';
 import { createQiscusClient, QiscusError, type QiscusClient } from '../../src/qiscus/client.ts';
 import { messageFromBody, parseRetryAfter } from '../../src/qiscus/errors.ts';
 import { startSimulator, type Simulator, type SimulatorOptions } from '../../src/simulator/qiscus-simulator.ts';
 
+const fixtures = path.join(import.meta.dirname, '..', 'fixtures');
 const sims: Simulator[] = [];
 afterEach(async () => {
   await Promise.all(sims.splice(0).map((s) => s.close()));
@@ -176,6 +179,41 @@ describe('assignAgent', () => {
     const client = createQiscusClient({ baseUrl: url, appId: 'app', secretKey: 'secret', connectTimeoutMs: 300, responseTimeoutMs: 300 });
     const e = await failure(client.assignAgent('r1', 1001));
     expect([e.kind, e.code, e.status]).toEqual(['transient', 'ECONNREFUSED', undefined]);
+  });
+
+  it('a kept-alive connection the server closed as we reused it: sent again at once on a new one, once', async () => {
+    // The server answers the first call, then drops the connection under the second without answering (as a
+    // server or proxy whose keep-alive timeout ran out at that moment does); a new connection is answered.
+    const answer = readFileSync(path.join(fixtures, 'assign-agent-response.json'), 'utf8');
+    const seen: Array<{ socket: number }> = [];
+    const sockets = new Map<object, number>();
+    let dropEvery = false;
+    const server = createServer((req, res) => {
+      if (!sockets.has(req.socket)) sockets.set(req.socket, sockets.size + 1);
+      const socket = sockets.get(req.socket)!;
+      seen.push({ socket });
+      req.resume();
+      req.on('end', () => {
+        if (dropEvery || (socket === 1 && seen.filter((x) => x.socket === 1).length === 2)) return req.socket.destroy();
+        res.writeHead(200, { 'content-type': 'application/json' }).end(answer);
+      });
+    });
+    await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+    try {
+      const client = createQiscusClient({ baseUrl: `http://127.0.0.1:${(server.address() as AddressInfo).port}`, appId: 'a', secretKey: 's' });
+      await client.assignAgent('r1', 1001);
+      await client.assignAgent('r2', 1001); // on connection 1, dropped; sent again on connection 2
+      expect(seen).toEqual([{ socket: 1 }, { socket: 1 }, { socket: 2 }]);
+      // A server that drops every call: one resend, then the failure is the room's (transient, maybe landed).
+      dropEvery = true;
+      seen.length = 0;
+      const e = await failure(client.assignAgent('r3', 1001));
+      expect([e.kind, e.code]).toEqual(['transient', 'ECONNRESET']);
+      expect(seen).toHaveLength(2);
+    } finally {
+      server.closeAllConnections();
+      server.close();
+    }
   });
 
   it('400 → rejected with the Qiscus message (string shape)', async () => {
