@@ -110,7 +110,7 @@ export async function startListener(o: ListenerOptions): Promise<Listener> {
         void sweep();
       }
       const { rescued, down, uncertain } = r.rows[0]!;
-      if (uncertain && evidencePullDue()) void syncNow();
+      if (uncertain) pullForEvidence();
       if (rescued > 0) {
         log.warn({ rescued }, 'rescued the reservations of a listener that died');
         o.onRescued?.(rescued);
@@ -129,13 +129,33 @@ export async function startListener(o: ListenerOptions): Promise<Listener> {
   };
 
   // A room waiting only because a count is held for want of evidence (allocator.evidence_pull_due) is served after
-  // the next pull: pull again once the last one is a second old, or twice its duration for a roster of many pages,
-  // instead of at the next scheduled sync.
+  // the next pull: pull again as soon as the last one is half a second old, or twice its duration for a roster of
+  // many pages (so that pulls never take more than a third of Qiscus's time for the list), instead of at the next
+  // scheduled sync. Found by the probe (every second) or right after a pull, which may have been ambiguous itself
+  // (calls in flight while it ran); a pull not yet allowed is armed for the moment it is, and asks again then: a
+  // pull by another listener meanwhile may have settled it.
   let syncing = false;
   let lastSyncStart = 0;
   let lastSyncMs = 0;
-  const evidencePullDue = () =>
-    !syncing && Date.now() - lastSyncStart >= Math.min(o.syncSeconds * 1000, Math.max(1000, 2 * lastSyncMs));
+  let evidenceTimer: NodeJS.Timeout | null = null;
+  const pullForEvidence = () => {
+    if (syncing || evidenceTimer || stopped) return;
+    const wait = lastSyncStart + Math.min(o.syncSeconds * 1000, Math.max(500, 2 * lastSyncMs)) - Date.now();
+    if (wait <= 0) {
+      void syncNow();
+      return;
+    }
+    evidenceTimer = setTimeout(() => {
+      evidenceTimer = null;
+      void evidenceCheck();
+    }, wait);
+  };
+  const evidenceCheck = async () => {
+    const due = await o.pool
+      .query<{ due: boolean }>(`select allocator.evidence_pull_due() as due`)
+      .then((r) => r.rows[0]?.due === true, () => false);
+    if (due) pullForEvidence();
+  };
 
   let divisionsFailing = false;
   // A failed pull (Qiscus or PostgreSQL unreachable, as when both start together) is tried again after 1, 2, 4 ...
@@ -158,6 +178,7 @@ export async function startListener(o: ListenerOptions): Promise<Listener> {
       divisionsFailing = r.divisionError !== undefined;
       syncFailures = 0;
       loop.kick();
+      void evidenceCheck();
       return r;
     } catch (e) {
       o.onSyncError?.(e);
@@ -245,6 +266,7 @@ export async function startListener(o: ListenerOptions): Promise<Listener> {
       stopped = true;
       for (const t of timers) clearInterval(t);
       if (syncRetry) clearTimeout(syncRetry);
+      if (evidenceTimer) clearTimeout(evidenceTimer);
       if (dueTimer) clearTimeout(dueTimer);
       await subscriber?.close().catch(() => {});
       await loop.stop();
