@@ -68,6 +68,22 @@ begin
 end;
 $$;
 
+-- The sessions Qiscus assigned, each with the service id its answer named (null: keep the one it has), paired by
+-- position: the one place the `assigned` state is written (confirm() for one, report() for a batch).
+create function allocator.mark_assigned(ids bigint[], services bigint[])
+returns void
+language plpgsql
+as $$
+begin
+  update allocator.sessions s
+  set state = 'assigned', assigned_at = now(), updated_at = now(), lease_expires_at = null, attempt_id = null,
+      owner = null, holds_slot = false, uncertain = false, service_id = coalesce(x.service, s.service_id),
+      last_error = null
+  from unnest(ids, services) x(id, service)
+  where s.id = x.id;
+end;
+$$;
+
 -- Qiscus accepted the assignment (`service`: the service id its answer named). Returns false if the reservation
 -- is no longer current. Then the answer is still evidence: a room resolved meanwhile is settled by it, and a room
 -- whose reservation was rescued (its listener was thought dead) and now waits for a retry with this same agent is
@@ -93,11 +109,7 @@ begin
   else
     update allocator.attempts set finished_at = now(), outcome = 'assigned' where id = attempt;
   end if;
-  update allocator.sessions
-  set state = 'assigned', assigned_at = now(), updated_at = now(), lease_expires_at = null, attempt_id = null,
-      owner = null, holds_slot = false, uncertain = false, service_id = coalesce(service, service_id),
-      last_error = null
-  where id = s.id;
+  perform allocator.mark_assigned(array[s.id], array[service]);
   return true;
 end;
 $$;
@@ -246,7 +258,9 @@ as $$
 declare
   o        jsonb;
   reported bigint[] := array(select (x ->> 'attempt')::bigint from jsonb_array_elements(outcomes) x);
-  confirmed bigint[];
+  confirmed bigint[];  -- the attempts confirmed by the set-based step, and their sessions and services
+  ids       bigint[];
+  services  bigint[];
 begin
   -- `= any (array(...))`, not `in (select ...)`: the planner cannot tell how many rows a jsonb array holds and,
   -- guessing a hundred, read the whole table instead of its primary key.
@@ -263,27 +277,15 @@ begin
   -- current_reservation() finds the room reserved by this attempt), in one statement for the batch instead of
   -- four per room. Every other outcome, and an assignment that is stale or whose room was resolved meanwhile,
   -- goes through the functions below. The rows are locked above, so what is read here stays true.
-  with ok as (
-    select s.id, a.id as attempt, (x ->> 'service')::bigint as service
-    from jsonb_array_elements(outcomes) x
-    join allocator.attempts a on a.id = (x ->> 'attempt')::bigint
-    join allocator.sessions s on s.id = a.session_id
-    where x ->> 'outcome' = 'assigned' and s.attempt_id = a.id and s.state = 'reserved'
-  ),
-  finished as (
-    update allocator.attempts t set finished_at = now(), outcome = 'assigned'
-    from ok where t.id = ok.attempt
-  ),
-  assigned as (
-    update allocator.sessions s
-    set state = 'assigned', assigned_at = now(), updated_at = now(), lease_expires_at = null, attempt_id = null,
-        owner = null, holds_slot = false, uncertain = false, service_id = coalesce(ok.service, s.service_id),
-        last_error = null
-    from ok where s.id = ok.id
-    returning ok.attempt
-  )
-  select array_agg(attempt) into confirmed from assigned;
+  select array_agg(a.id), array_agg(s.id), array_agg((x ->> 'service')::bigint)
+  into confirmed, ids, services
+  from jsonb_array_elements(outcomes) x
+  join allocator.attempts a on a.id = (x ->> 'attempt')::bigint
+  join allocator.sessions s on s.id = a.session_id
+  where x ->> 'outcome' = 'assigned' and s.attempt_id = a.id and s.state = 'reserved';
   if confirmed is not null then
+    update allocator.attempts set finished_at = now(), outcome = 'assigned' where id = any (confirmed);
+    perform allocator.mark_assigned(ids, services);
     perform allocator.qiscus_answered();
   end if;
 
