@@ -217,6 +217,16 @@ async function roomOfOursAndOneInFlight(p: pg.Pool): Promise<Reservation> {
   return ry;
 }
 
+/**
+ * Room y (reservation `ry`, see roomOfOursAndOneInFlight) is resolved by an admin while its call is in flight, and
+ * the call lands afterwards, on a new service (115830003): agent 1 holds x (ours) and y (held in Qiscus without us).
+ */
+async function yLandsAfterItsResolution(p: pg.Pool, ry: Reservation): Promise<void> {
+  await closeBy(p, 'y', 115830002, 900001);
+  await confirmWith(p, ry, 115830003);
+  expect(await totalLoadOf(p, 1)).toBe(2);
+}
+
 /** The Mark-as-Resolved webhook of `service` in `room`, resolved by agent `by`, as the web app stores it. */
 function closeBy(p: pg.Pool, room: string, service: number, by: number) {
   return p.query(`select * from allocator.accept_close_request($1::jsonb, 'test')`, [resolvedBy(room, service, by)]);
@@ -413,11 +423,7 @@ describe('found by the liveness soak (fixed; kept as regression tests)', () => {
   it('SQL: a room counted after a late landing is not dropped by the next pull that also sees a room of ours resolved', async () => {
     db = await createTestDatabase();
     const p = db.pool;
-    const ry = await roomOfOursAndOneInFlight(p);
-    // an admin resolves y while its call is in flight; the call lands afterwards, on a new service
-    await closeBy(p, 'y', 115830002, 900001);
-    await confirmWith(p, ry, 115830003);
-    expect(await totalLoadOf(p, 1)).toBe(2); // x ours, y held in Qiscus without us
+    await yLandsAfterItsResolution(p, await roomOfOursAndOneInFlight(p));
     // a pull: agent 1 resolves x in Qiscus just before the pull reads (Qiscus counts y only), and x's webhook is
     // stored while the pull runs
     await pull(p, 1, () => closeBy(p, 'x', 115830001, 1));
@@ -474,10 +480,7 @@ describe('found by the liveness soak (fixed; kept as regression tests)', () => {
     // Agent 1 resolves x in Qiscus: its webhook does not get through (the database is away for the web app).
     // The first pull starts while y's call is in flight: Qiscus counts nothing yet (x resolved, y not landed).
     const started = (await p.query(`select clock_timestamp() as t`)).rows[0].t;
-    // y is resolved (by an admin) while its call is in flight, and the call lands afterwards, on a new service
-    await closeBy(p, 'y', 115830002, 900001);
-    await confirmWith(p, ry, 115830003);
-    expect(await totalLoadOf(p, 1)).toBe(2); // x ours, y held in Qiscus without us
+    await yLandsAfterItsResolution(p, ry);
     // the first pull's read saw y landed (Qiscus: 1 room, y); x still counts as ours: by_hand 0
     await p.query(`select allocator.sync_agents($1::jsonb, $2, true)`, [roster(1), started]);
     expect(await totalLoadOf(p, 1)).toBe(2);
