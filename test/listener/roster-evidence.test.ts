@@ -7,7 +7,7 @@
 import { afterEach, expect, it } from 'vitest';
 import { createTestDatabase, type TestDatabase } from '../support/db.ts';
 import { eventually, startStack, type Stack } from '../support/processes.ts';
-import { invariants } from '../support/sql.ts';
+import { invariants, setting } from '../support/sql.ts';
 
 let db: TestDatabase | undefined;
 let stack: Stack | undefined;
@@ -18,21 +18,28 @@ afterEach(async () => {
   db = undefined;
 });
 
-it('a count made ambiguous by a call in flight during a pull is settled by the next pull, within seconds', async () => {
-  db = await createTestDatabase();
-  await db.pool.query(`insert into allocator.settings (key, value) values ('default_max_load', '1')
-                       on conflict (key) do update set value = excluded.value`);
-  stack = await startStack({ databaseUrl: db.url, listeners: 1, env: { AGENT_SYNC_SECONDS: '30' }, sim: { agents: [{ id: 1 }] } });
-  const { sim } = stack;
-  const external = async () =>
-    (await db!.pool.query(`select external_load from allocator.agents where id = 1`)).rows[0]?.external_load as number;
+const external = async () =>
+  (await db!.pool.query(`select external_load from allocator.agents where id = 1`)).rows[0]?.external_load as number;
 
-  // Qiscus performs the assignment at once but answers 6 s later; meanwhile a second listener starts and pulls
-  sim.setFaults({ answerDelayMs: 6000 });
+/**
+ * One agent, at the shipped settings but for `maxLoad`. Qiscus performs room a's assignment at once but answers it
+ * `answerDelayMs` later; meanwhile a second listener starts and pulls, and counts the room in flight as by hand.
+ */
+async function callInFlightDuringAPull(o: { maxLoad?: number; answerDelayMs: number }) {
+  db = await createTestDatabase();
+  if (o.maxLoad !== undefined) await setting(db.pool, 'default_max_load', o.maxLoad);
+  stack = await startStack({ databaseUrl: db.url, listeners: 1, sim: { agents: [{ id: 1 }] } });
+  const { sim } = stack;
+  sim.setFaults({ answerDelayMs: o.answerDelayMs });
   expect((await sim.sendNewRequest('a')).status).toBe(200);
   await eventually('the call reached Qiscus', () => sim.agentOf('a') === 1);
-  await stack.startListener({ AGENT_SYNC_SECONDS: '30' });
+  await stack.startListener();
   await eventually('the pull counted the room in flight as by hand', async () => (await external()) === 1, 5_000);
+  return { db, sim };
+}
+
+it('a count made ambiguous by a call in flight during a pull is settled by the next pull, within seconds', async () => {
+  const { db, sim } = await callInFlightDuringAPull({ maxLoad: 1, answerDelayMs: 6000 });
   sim.setFaults({ answerDelayMs: 0 });
   await eventually('room a confirmed', async () => {
     const r = await db!.pool.query(`select state from allocator.sessions where room_id = 'a'`);
@@ -46,7 +53,7 @@ it('a count made ambiguous by a call in flight during a pull is settled by the n
   await eventually('room b assigned', () => sim.agentOf('b') === 1, 10_000, 20);
   const waited = Date.now() - t0;
   console.log(`[roster-evidence] room b assigned ${waited} ms after it arrived (next scheduled pull: up to 30 s)`);
-  // a pull a second after the last one (the evidence), plus the call: far below the 30 s period
+  // a pull at most half a second after the last one (the evidence), plus the call: far below the 30 s period
   expect(waited).toBeLessThanOrEqual(3_000);
   expect(await external()).toBe(0);
   expect(sim.maxLoadSeenAll()).toBeLessThanOrEqual(1);
@@ -58,16 +65,7 @@ it('while a room waits on such a count, the pull that settles it starts within h
   // room a or a room assigned by hand, so the agent counts as full (a, and 1 by hand). Room b waits on that count.
   // Pulls during the call cannot settle it; the first one after the call ended does. How soon it comes is the
   // room's wait: half a second at most after a pull (one page here), not the next probe's second plus a second.
-  db = await createTestDatabase();
-  stack = await startStack({ databaseUrl: db.url, listeners: 1, sim: { agents: [{ id: 1 }] } });
-  const { sim } = stack;
-  const external = async () =>
-    (await db!.pool.query(`select external_load from allocator.agents where id = 1`)).rows[0]?.external_load as number;
-  sim.setFaults({ answerDelayMs: 3000 });
-  expect((await sim.sendNewRequest('a')).status).toBe(200);
-  await eventually('the call reached Qiscus', () => sim.agentOf('a') === 1);
-  await stack.startListener();
-  await eventually('the pull counted the room in flight as by hand', async () => (await external()) === 1, 5_000);
+  const { db, sim } = await callInFlightDuringAPull({ answerDelayMs: 3000 });
   expect((await sim.sendNewRequest('b')).status).toBe(200);
   sim.setFaults({ answerDelayMs: 0 });
   await eventually('room b assigned', () => sim.agentOf('b') === 1, 10_000, 20);
