@@ -165,8 +165,10 @@ describe('the agent head never hides an agent', () => {
     for (let i = 1; i <= 8; i++) await queue(db.pool, `r${i}`);
     await db.pool.query(`update allocator.agents set paused = true where id = 1`);
     expect(await rooms(`select agent_id as room_id from allocator.reserve(null, 1)`)).toEqual(['2']);
-    await db.pool.query('select allocator.reserve(null, 1)'); // agent 3
+    // Moved here, while agent 3 is free (reserve() moves the heads at most every 100 ms per connection, so a pooled
+    // connection the previous test used may not have; with every agent full or paused, nothing moves them).
     await moveHeads();
+    await db.pool.query('select allocator.reserve(null, 1)'); // agent 3
     // The head is now past agent 1 (paused, never assigned: first in the order).
     const position = `select allocator.head_position('allocator.agent_head')
                              > allocator.agent_position(a.total_load, a.last_assigned_at, a.id) as behind
