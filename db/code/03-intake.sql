@@ -11,6 +11,48 @@ returns void
 language sql
 as $$ select pg_advisory_xact_lock(1364, hashtext(room)) $$;
 
+-- A returning customer's session `session`, just opened, whose room's previous session `previous` was resolved
+-- while an assign call of ours was out for it: that call may put its agent in the room after the resolution
+-- (Qiscus then opens a new service with the agent in it, settle_resolved_in_flight), and the agent then serves
+-- the customer who wrote meanwhile. Any other agent asked for the room would be refused ("room already has the
+-- maximum number of agents"), one after another. So:
+--   the call is still out        the new session waits for its answer, at most until its lease ends: the answer
+--                                settles it (settle_resolved_in_flight gives it the slot, or wakes it)
+--   it landed late, on service L  the new session takes over the count L added on the agent, as a slot it holds:
+--                                its call goes to that agent first (reserve_held), a harmless repeat. Not when
+--                                the webhook names L as its latest service: then L was resolved before the
+--                                customer wrote (its resolution has not reached us yet), and no agent is in the
+--                                room.
+-- The previous session is locked first, as report() does: its answer cannot be settled unseen between our read
+-- and our commit.
+create function allocator.follow_late_call(session bigint, previous bigint)
+returns void
+language plpgsql
+as $$
+declare
+  p allocator.sessions;
+  n allocator.sessions;
+begin
+  select q.* into p from allocator.sessions q where q.id = previous for no key update;
+  select q.* into n from allocator.sessions q where q.id = session;
+  if p.attempt_id is not null then
+    update allocator.sessions
+    set next_attempt_at = greatest(p.lease_expires_at, now()),
+        last_error = 'waiting for the answer of the assign call made for the previous session'
+    where id = n.id;
+  elsif p.late_service_id is not null and n.prior_service_id is distinct from p.late_service_id then
+    -- guarded as take_slot is: the count moves from external_load to our_load, the sum stays (an agent counted
+    -- above its capacity by a pull keeps the count where it is, and the session queues as any other)
+    update allocator.agents a set our_load = a.our_load + 1, external_load = a.external_load - 1
+    where a.id = p.agent_id and a.external_load > 0 and a.total_load <= allocator.capacity(a.max_load);
+    if found then
+      update allocator.sessions set late_service_id = null where id = p.id;
+      perform allocator.hold_for(n.id, p.agent_id);
+    end if;
+  end if;
+end;
+$$;
+
 -- Custom Agent Allocation webhook. Qiscus sends it on every customer message while the room has no agent, so
 -- most calls are repeats and must change nothing.
 --   queued            a new waiting session was opened (new or returning customer)
@@ -56,6 +98,9 @@ begin
     values (room, nullif(payload ->> 'source', ''), allocator.json_bigint(payload -> 'channel' -> 'id'), prior)
     returning id into v_session;
     v_outcome := 'queued';
+    if last.state = 'resolved' and (last.attempt_id is not null or last.late_service_id is not null) then
+      perform allocator.follow_late_call(v_session, last.id);
+    end if;
   end if;
 
   insert into allocator.webhooks (kind, room_id, request_id, outcome, session_id, payload)

@@ -38,34 +38,67 @@ $$;
 --   the call did not reach Qiscus (`maybe_landed` false)             the slot is free
 --   the assign answer names the service that was resolved            it landed, then was resolved: free
 --   the answer names a new service whose resolution is stored already  it landed, then was resolved: free
---   otherwise (it landed after the resolution, or we cannot know)    the agent may hold the room: it is counted as
---     a room Qiscus shows the agent holding (external_load): a named service until its resolution arrives, an
---     unknown one until the first roster pull that started after now, which sees Qiscus's own count (see
---     external_after_pull)
+--   otherwise (it landed after the resolution, or we cannot know)    the agent may hold the room:
+--     - if the customer wrote again meanwhile (a newer session waits, see follow_late_call), the agent serves that
+--       session: it takes over the slot, held for that agent (hold_for), so its call goes to that agent first, a
+--       harmless repeat if the call did land. Any other agent would be refused while that one is in the room.
+--       (Not when the newer session's webhook named this service as its latest: the customer wrote after it was
+--       resolved, so no agent is in the room.)
+--     - else it is counted as a room Qiscus shows the agent holding (external_load): a named service until its
+--       resolution arrives, an unknown one until the first roster pull that started after now, which sees
+--       Qiscus's own count (see external_after_pull)
+-- A newer session that waited for this answer (follow_late_call) and did not take the slot is due at once.
 -- `s`: the session, locked, resolved while its reservation (s.attempt_id) was out.
 create function allocator.settle_resolved_in_flight(s allocator.sessions, maybe_landed boolean, service bigint default null)
 returns void
 language plpgsql
 as $$
+declare
+  newer allocator.sessions;
 begin
+  select q.* into newer from allocator.sessions q
+  where q.room_id = s.room_id and q.id > s.id and q.state = 'waiting' and not q.holds_slot
+  order by q.id desc
+  limit 1
+  for no key update;
   if maybe_landed and (service is null or service is distinct from s.service_id)
      and not exists (select from allocator.webhooks w
                      where w.room_id = s.room_id and w.kind = 'close_request'
                        and allocator.json_bigint(w.payload -> 'service' -> 'id') = service) then
-    update allocator.agents
-    set our_load = our_load - 1, external_load = external_load + 1,
-        external_hold_until = greatest(external_hold_until, now())
-    where id = s.agent_id;
-    -- the new service, if the answer named it: its own resolution frees the count (accept_close_request)
-    update allocator.sessions set late_service_id = service where id = s.id and service is not null;
+    if newer.id is not null and (service is null or newer.prior_service_id is distinct from service) then
+      perform allocator.hold_for(newer.id, s.agent_id);
+      newer := null;
+    else
+      update allocator.agents
+      set our_load = our_load - 1, external_load = external_load + 1,
+          external_hold_until = greatest(external_hold_until, now())
+      where id = s.agent_id;
+      -- the new service, if the answer named it: its own resolution frees the count (accept_close_request)
+      update allocator.sessions set late_service_id = service where id = s.id and service is not null;
+    end if;
   else
     perform allocator.free_slot(s.agent_id);
   end if;
+  update allocator.sessions set next_attempt_at = now(), updated_at = now()
+  where id = newer.id and next_attempt_at > now() and reserved_at is null;
   update allocator.attempts set finished_at = now(), outcome = 'resolved', error = 'resolved while the call was in flight'
   where id = s.attempt_id;
   update allocator.sessions set attempt_id = null, lease_expires_at = null, owner = null, updated_at = now()
   where id = s.id;
 end;
+$$;
+
+-- Waiting session `session` takes a slot of `agent` the caller has already counted for it (our_load) and holds it
+-- as a room that may already be the agent's: the next call goes to that agent first (reserve_held), as the retry
+-- of an ambiguous call does (requeue with hold).
+create function allocator.hold_for(session bigint, agent bigint)
+returns void
+language sql
+as $$
+  update allocator.sessions
+  set holds_slot = true, uncertain = true, agent_id = agent, last_agent_id = agent, next_attempt_at = now(),
+      updated_at = now()
+  where id = session
 $$;
 
 -- The sessions Qiscus assigned, each with the service id its answer named (null: keep the one it has), paired by

@@ -20,7 +20,8 @@ create view allocator.queue as
   from allocator.sessions s
   where s.state = 'waiting'
   order by position;
-comment on view allocator.queue is 'Waiting rooms in serving order. next_attempt_at in the future means backing off; '
+comment on view allocator.queue is 'Waiting rooms in serving order. next_attempt_at in the future means backing off '
+  '(or, as last_error says, waiting for the answer of a call made for the room''s previous session); '
   'division_ids: the divisions that may serve the room now (null: any agent).';
 
 -- Per agent: can it take rooms, how many it holds, how many it may hold.

@@ -16,7 +16,7 @@ import { runMigrations } from '../../src/db/migrate.ts';
 import { startSimulator, type Simulator } from '../../src/simulator/qiscus-simulator.ts';
 import { createTestDatabase, type TestDatabase } from '../support/db.ts';
 import { APP_ID, SECRET_KEY, eventually, sleep, spawnProc, startStack, type Proc, type Stack } from '../support/processes.ts';
-import { resolvedRequest } from '../support/fixtures.ts';
+import { resolvedRequest, returningRequest } from '../support/fixtures.ts';
 import { addAgents, queue, reserve, setting, type Reservation } from '../support/sql.ts';
 
 let db: TestDatabase | undefined;
@@ -517,6 +517,106 @@ describe('found by the liveness soak (fixed; kept as regression tests)', () => {
     expect(await totalLoadOf(p, 1)).toBe(0);
     await queue(p, 'y');
     expect((await reserve(p))?.room_id).toBe('y');
+  });
+});
+
+// Safety (the chaos check "assign calls for a room another agent held") and liveness. Chaos seed 3893881771:
+//   x is reserved for agent X; an admin resolves x while the call is out; the customer writes again, so Qiscus
+//   sends the allocation webhook (latest_service: the resolved service) and a new session waits; the call lands
+//   after the resolution (Qiscus opens a new service with X in the room; settle_resolved_in_flight counts it on X)
+//   → the new session went to six other agents in turn, each answered 400 "room already has the maximum number of
+//   agents" and excluded, before attempt 7 reached X.
+// Expected: the new session waits for the answer of the call that is out (it may put X in the room), at most
+// until that call's lease ends; if X may be in the room, the session goes to X (a harmless repeat); else it is
+// due at once, to anyone.
+describe('a returning customer while a call lands after the resolution', () => {
+  /** Agents 1 and 2 free; x's call to agent 1 is out when an admin resolves x (service 115830001). */
+  async function resolvedWhileOut(p: pg.Pool): Promise<Reservation> {
+    await addAgents(p, [1, 2]);
+    await queue(p, 'x');
+    const r = (await reserve(p))!;
+    expect([r.room_id, r.agent_id]).toEqual(['x', '1']);
+    await closeBy(p, 'x', 115830001, 900001);
+    return r;
+  }
+
+  /** The next reservation is x, for agent 1; Qiscus's 200 (a repeat) names 115830002; agent 2 is never asked. */
+  async function xGoesToAgent1(p: pg.Pool): Promise<void> {
+    const next = (await reserve(p))!;
+    expect([next.room_id, next.agent_id]).toEqual(['x', '1']);
+    await confirmWith(p, next, 115830002);
+    expect(await sessionRow(p, 'x')).toMatchObject({ state: 'assigned', agent_id: '1' });
+    expect([await totalLoadOf(p, 1), await totalLoadOf(p, 2)]).toEqual([1, 0]);
+    // agent 1 resolves the service it was put in by the late call: x is closed and agent 1 counts nothing
+    await closeBy(p, 'x', 115830002, 1);
+    expect(await sessionRow(p, 'x')).toMatchObject({ state: 'resolved' });
+    expect([await totalLoadOf(p, 1), await totalLoadOf(p, 2)]).toEqual([0, 0]);
+    expect((await p.query(`select * from allocator.check_invariants()`)).rows).toEqual([]);
+  }
+
+  it('SQL: the customer writes while the call is out: the new session waits for its answer, then goes to that agent', async () => {
+    db = await createTestDatabase();
+    const p = db.pool;
+    const r = await resolvedWhileOut(p);
+    expect((await queue(p, 'x', returningRequest('x', 115830001))).outcome).toBe('queued');
+    // agent 2 is free, but the call out may put agent 1 in the room: x waits for its answer, no longer than its lease
+    expect(await reserve(p)).toBeUndefined();
+    const waits = await p.query(
+      `select q.next_attempt_at = (select lease_expires_at from allocator.sessions where id = $1) as until_lease
+       from allocator.sessions q where q.room_id = 'x' and q.state = 'waiting'`,
+      [r.session_id],
+    );
+    expect(waits.rows).toEqual([{ until_lease: true }]);
+    // and a DBA reading the queue sees why
+    expect((await p.query(`select last_error from allocator.queue where room_id = 'x'`)).rows[0].last_error).toMatch(
+      /waiting for the answer of the assign call made for the previous session/,
+    );
+    await confirmWith(p, r, 115830002); // it landed after the resolution
+    await xGoesToAgent1(p);
+  });
+
+  it('SQL: the landing is reported before the webhook the customer sent earlier: the new session goes to that agent', async () => {
+    db = await createTestDatabase();
+    const p = db.pool;
+    const r = await resolvedWhileOut(p);
+    await confirmWith(p, r, 115830002);
+    expect(await totalLoadOf(p, 1)).toBe(1);
+    expect((await queue(p, 'x', returningRequest('x', 115830001))).outcome).toBe('queued');
+    await xGoesToAgent1(p);
+  });
+
+  it('SQL: the listener dies with the call out: the rescue gives the new session to that agent', async () => {
+    db = await createTestDatabase();
+    const p = db.pool;
+    const r = await resolvedWhileOut(p);
+    await queue(p, 'x', returningRequest('x', 115830001));
+    await p.query(`update allocator.sessions set lease_expires_at = now() - interval '1 second' where id = $1`, [r.session_id]);
+    expect((await p.query(`select allocator.rescue_expired() as n`)).rows[0].n).toBe(1);
+    await xGoesToAgent1(p);
+  });
+
+  it('SQL: the call did not reach Qiscus: the new session is due at once, for any agent', async () => {
+    db = await createTestDatabase();
+    const p = db.pool;
+    const r = await resolvedWhileOut(p);
+    await queue(p, 'x', returningRequest('x', 115830001));
+    await p.query(`select allocator.fail_transient($1, 'connection refused', null, false)`, [r.attempt_id]);
+    expect([await totalLoadOf(p, 1), await totalLoadOf(p, 2)]).toEqual([0, 0]);
+    const next = (await reserve(p))!;
+    expect(next.room_id).toBe('x');
+    expect(await confirmWith(p, next, 115830002).then((x) => x.rows[0].confirm)).toBe(true);
+  });
+
+  it('SQL: the customer wrote after the late service was resolved: nobody is in the room, any agent may take it', async () => {
+    db = await createTestDatabase();
+    const p = db.pool;
+    const r = await resolvedWhileOut(p);
+    await confirmWith(p, r, 115830002);
+    // latest_service is the late one: it was resolved before this message (its webhook has not reached us yet)
+    await queue(p, 'x', returningRequest('x', 115830002));
+    const next = (await reserve(p))!;
+    expect([next.room_id, next.agent_id]).toEqual(['x', '2']); // agent 1 still counts the late service
+    expect(await totalLoadOf(p, 1)).toBe(1);
   });
 });
 

@@ -286,6 +286,19 @@ export class Model {
     };
     this.route(s);
     this.sessions.push(s);
+    // follow_late_call: the previous session was resolved while a call of ours was out; that call may put its agent
+    // in the room after the resolution, serving this customer
+    if (last?.state === 'resolved' && last.attemptId !== null) {
+      s.nextAt = Infinity; // waits for the call's answer (settleResolvedInFlight), at most until its lease ends
+    } else if (last?.state === 'resolved' && last.lateServiceId !== null && prior !== last.lateServiceId) {
+      const a = this.agent(last.agentId); // it landed late: this session takes over the count, held for that agent
+      if (a.externalLoad > 0 && a.load + a.externalLoad <= this.capacity(a)) {
+        a.load += 1;
+        a.externalLoad -= 1;
+        last.lateServiceId = null;
+        this.holdFor(s, a.id);
+      }
+    }
     return { outcome: 'queued', sessionId: s.id };
   }
 
@@ -450,18 +463,36 @@ export class Model {
     const s = this.sessions.find((q) => q.state === 'resolved' && q.attemptId === attemptId);
     if (!s) return false;
     const agent = this.agents.get(s.agentId!)!;
+    // the room's newer session, queued while the call was out (the customer wrote again)
+    let newer = this.sessions.find((q) => q.room === s.room && q.id > s.id && q.state === 'waiting' && !q.holdsSlot);
     // a new service whose resolution is stored already: it landed, then was resolved
     const resolvedAlready = service !== null && this.resolutionsStored.has(`${s.room}:${service}`);
     if (maybeLanded && (service === null || service !== s.serviceId) && !resolvedAlready) {
-      agent.load -= 1;
-      agent.externalLoad += 1;
-      if (service !== null) s.lateServiceId = service; // its own resolution frees the count (acceptCloseRequest)
+      if (newer && (service === null || newer.priorServiceId !== service)) {
+        this.holdFor(newer, agent.id); // the agent may be in the room, serving it: it takes over the slot
+        newer = undefined;
+      } else {
+        agent.load -= 1;
+        agent.externalLoad += 1;
+        if (service !== null) s.lateServiceId = service; // its own resolution frees the count (acceptCloseRequest)
+      }
     } else {
       this.releaseSlot(s.agentId);
     }
+    // a newer session that waited for this answer is due now (never reserved: not one backing off)
+    if (newer && newer.nextAt > this.now && !this.attempts.some((x) => x.sessionId === newer!.id)) newer.nextAt = this.now;
     this.attempts[attemptId - 1]!.outcome = 'resolved';
     s.attemptId = null;
     return true;
+  }
+
+  /** hold_for(): the waiting session holds a slot of `agentId` already counted for it; its call goes there first. */
+  private holdFor(s: Session, agentId: number): void {
+    s.holdsSlot = true;
+    s.uncertain = true;
+    s.agentId = agentId;
+    s.lastAgentId = agentId;
+    s.nextAt = this.now;
   }
 
   /** Enough time passes for every pending backoff to end. */
