@@ -11,7 +11,10 @@
  * Qiscus's changes; that they do, and soon, is checked apart from the database's membership history). The audit is
  * taken inside the reserving transaction itself, by a trigger on allocator.attempts in a schema of the run's own
  * (`chaos`), so nothing is sampled: every reservation is judged. A retry that takes the slot the room already held
- * for the same agent (reserve_held: the earlier call may have landed) is judged by that earlier reservation.
+ * for the same agent (reserve_held: the earlier call may have landed) is judged by that earlier reservation. So is
+ * a returning customer's session that took over the slot of a call made for the room's previous session, resolved
+ * while that call was out (follow_late_call, settle_resolved_in_flight): that agent may be in the room, whatever
+ * the new session's route says.
  */
 import type pg from 'pg';
 
@@ -233,6 +236,8 @@ interface ReservationRow {
   channel_id: number | null;
   queued_at: number;
   assigned: boolean;
+  /** A call for this agent was out for the room's previous session when that session was resolved. */
+  inherited: boolean;
 }
 
 /** Judges every reservation of the run against the route versions (see the header). */
@@ -243,7 +248,10 @@ export async function judgeReservations(pool: pg.Pool, versions: readonly RouteV
       `select r.attempt_id::text, r.session_id::text, s.room_id, r.agent_id::text, ${ms('r.at')} as at,
               ${ms('r.decided')} as decided, r.held, r.division_ids::int[], ${ms('r.overflow_at')} as overflow_at,
               r.agent_divisions::int[], s.source, s.channel_id::int, ${ms('s.queued_at')} as queued_at,
-              a.outcome is not distinct from 'assigned' as assigned
+              a.outcome is not distinct from 'assigned' as assigned,
+              exists (select from allocator.sessions ps join allocator.attempts pa on pa.session_id = ps.id
+                      where ps.room_id = s.room_id and ps.id < s.id and pa.agent_id = r.agent_id
+                        and pa.error = 'resolved while the call was in flight') as inherited
        from chaos.reservations r join allocator.sessions s on s.id = r.session_id
        left join allocator.attempts a on a.id = r.attempt_id
        order by r.attempt_id`,
@@ -261,10 +269,14 @@ export async function judgeReservations(pool: pg.Pool, versions: readonly RouteV
     judged.set(r.session_id, agents);
     if (r.held) {
       // the room's slot on this agent, held after an ambiguous call: that call's reservation was judged
-      const why = agents.has(r.agent_id) ? 'retry of a held slot' : 'held slot without an earlier reservation';
+      const why = agents.has(r.agent_id)
+        ? 'retry of a held slot'
+        : r.inherited
+          ? "held slot of the previous session's call"
+          : 'held slot without an earlier reservation';
       count(reservations, why);
       if (r.assigned) count(assigned, why);
-      if (!agents.has(r.agent_id)) {
+      if (!agents.has(r.agent_id) && !r.inherited) {
         violations.push(`room ${r.room_id} attempt ${r.attempt_id}: retry for agent ${r.agent_id} holding a slot it was never reserved`);
         violationRooms.push(r.room_id);
       }
