@@ -83,9 +83,13 @@ export class AllocatorLoop {
         // full, wait for a quarter of it to free up: a reservation's round trip costs about as much for one room
         // as for four, and under a backlog this halves the round trips (the places wait one call at most).
         while (!this.stopped && this.o.concurrency - this.inFlight.size >= this.minRefill) {
-          const batch = await this.reserve(this.o.concurrency - this.inFlight.size);
+          const asked = this.o.concurrency - this.inFlight.size;
+          const batch = await this.reserve(asked);
           for (const r of batch) this.start(r);
-          if (batch.length === 0) break;
+          // Fewer than asked: nothing more could be reserved just now. Whatever changes that wakes us (a new room, a
+          // freed slot or a passed-over agent NOTIFY; a backoff's end arms a timer), so no second round trip to hear
+          // "none" (with free agents, one such per room: half of PostgreSQL's work for a room at a time).
+          if (batch.length < asked) break;
         }
       } while (this.again && !this.stopped && this.o.concurrency - this.inFlight.size >= this.minRefill);
       this.kickedAt = null;
