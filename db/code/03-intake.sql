@@ -16,13 +16,18 @@ as $$ select pg_advisory_xact_lock(1364, hashtext(room)) $$;
 -- (Qiscus then opens a new service with the agent in it, settle_resolved_in_flight), and the agent then serves
 -- the customer who wrote meanwhile. Any other agent asked for the room would be refused ("room already has the
 -- maximum number of agents"), one after another. So:
---   the call is still out        the new session waits for its answer, at most until its lease ends: the answer
---                                settles it (settle_resolved_in_flight gives it the slot, or wakes it)
+--   the call is still out        the new session waits for its answer, until a second after its lease ends at
+--                                most (the listeners rescue an expired lease 20 ms after it ends, next_due_at, and
+--                                the rescue settles it): the answer settles it (settle_resolved_in_flight gives it
+--                                the slot, or wakes it)
 --   it landed late, on service L  the new session takes over the count L added on the agent, as a slot it holds:
 --                                its call goes to that agent first (reserve_held), a harmless repeat. Not when
 --                                the webhook names L as its latest service: then L was resolved before the
 --                                customer wrote (its resolution has not reached us yet), and no agent is in the
 --                                room.
+--   it may have landed late, Qiscus named no service (a timeout, a 5xx, a rescue), and no roster pull began since
+--                                the same: the count added on the agent is still this room's (a pull would have
+--                                made it a count of Qiscus's, which may be another room's)
 -- The previous session is locked first, as report() does: its answer cannot be settled unseen between our read
 -- and our commit.
 create function allocator.follow_late_call(session bigint, previous bigint)
@@ -37,15 +42,18 @@ begin
   select q.* into n from allocator.sessions q where q.id = session;
   if p.attempt_id is not null then
     update allocator.sessions
-    set next_attempt_at = greatest(p.lease_expires_at, now()),
+    set next_attempt_at = greatest(p.lease_expires_at + interval '1 second', now()),
         last_error = 'waiting for the answer of the assign call made for the previous session'
     where id = n.id;
-  elsif p.late_service_id is not null and n.prior_service_id is distinct from p.late_service_id then
+  elsif (p.late_service_id is not null and n.prior_service_id is distinct from p.late_service_id)
+        or (p.late_service_id is null and p.late_landing_at is not null
+            and p.late_landing_at > coalesce((select r.started_at from allocator.roster_pulls r), '-infinity')) then
     -- guarded as take_slot is: the count moves from external_load to our_load, the sum stays (an agent counted
     -- above its capacity by a pull keeps the count where it is, and the session queues as any other)
     update allocator.agents a set our_load = a.our_load + 1, external_load = a.external_load - 1
     where a.id = p.agent_id and a.external_load > 0 and a.total_load <= allocator.capacity(a.max_load);
     if found then
+      -- late_landing_at stays, as history: the new session, now the room's last, is the one read from here on
       update allocator.sessions set late_service_id = null where id = p.id;
       perform allocator.hold_for(n.id, p.agent_id);
     end if;
@@ -98,7 +106,7 @@ begin
     values (room, nullif(payload ->> 'source', ''), allocator.json_bigint(payload -> 'channel' -> 'id'), prior)
     returning id into v_session;
     v_outcome := 'queued';
-    if last.state = 'resolved' and (last.attempt_id is not null or last.late_service_id is not null) then
+    if last.state = 'resolved' and (last.attempt_id is not null or last.late_landing_at is not null) then
       perform allocator.follow_late_call(v_session, last.id);
     end if;
   end if;
@@ -149,7 +157,8 @@ begin
     update allocator.agents a set external_load = greatest(a.external_load - 1, 0)
     from allocator.sessions r
     where r.room_id = room and r.late_service_id = service and a.id = r.agent_id;
-    update allocator.sessions r set late_service_id = null where r.room_id = room and r.late_service_id = service;
+    update allocator.sessions r set late_service_id = null, late_landing_at = null
+    where r.room_id = room and r.late_service_id = service;
     late_freed := true;
   end if;
 

@@ -67,19 +67,21 @@ begin
                        and allocator.json_bigint(w.payload -> 'service' -> 'id') = service) then
     if newer.id is not null and (service is null or newer.prior_service_id is distinct from service) then
       perform allocator.hold_for(newer.id, s.agent_id);
+      update allocator.sessions set late_landing_at = now() where id = s.id;  -- the history: where the slot came from
       newer := null;
     else
       update allocator.agents
       set our_load = our_load - 1, external_load = external_load + 1,
           external_hold_until = greatest(external_hold_until, now())
       where id = s.agent_id;
-      -- the new service, if the answer named it: its own resolution frees the count (accept_close_request)
-      update allocator.sessions set late_service_id = service where id = s.id and service is not null;
+      -- the new service, if the answer named it: its own resolution frees the count (accept_close_request); and
+      -- when, for a session the customer opens before the next pull (follow_late_call)
+      update allocator.sessions set late_service_id = service, late_landing_at = now() where id = s.id;
     end if;
   else
     perform allocator.free_slot(s.agent_id);
   end if;
-  update allocator.sessions set next_attempt_at = now(), updated_at = now()
+  update allocator.sessions set next_attempt_at = now(), last_error = null, updated_at = now()
   where id = newer.id and next_attempt_at > now() and reserved_at is null;
   update allocator.attempts set finished_at = now(), outcome = 'resolved', error = 'resolved while the call was in flight'
   where id = s.attempt_id;

@@ -559,10 +559,11 @@ describe('a returning customer while a call lands after the resolution', () => {
     const p = db.pool;
     const r = await resolvedWhileOut(p);
     expect((await queue(p, 'x', returningRequest('x', 115830001))).outcome).toBe('queued');
-    // agent 2 is free, but the call out may put agent 1 in the room: x waits for its answer, no longer than its lease
+    // agent 2 is free, but the call out may put agent 1 in the room: x waits for its answer, no longer than a second
+    // past its lease (by then the lease's rescue has settled it)
     expect(await reserve(p)).toBeUndefined();
     const waits = await p.query(
-      `select q.next_attempt_at = (select lease_expires_at from allocator.sessions where id = $1) as until_lease
+      `select q.next_attempt_at = (select lease_expires_at + interval '1 second' from allocator.sessions where id = $1) as until_lease
        from allocator.sessions q where q.room_id = 'x' and q.state = 'waiting'`,
       [r.session_id],
     );
@@ -595,6 +596,30 @@ describe('a returning customer while a call lands after the resolution', () => {
     await xGoesToAgent1(p);
   });
 
+  it('SQL: the call timed out (no service named) before the customer wrote: the new session goes to that agent', async () => {
+    db = await createTestDatabase();
+    const p = db.pool;
+    const r = await resolvedWhileOut(p);
+    await p.query(`select allocator.fail_transient($1, 'timeout', null, true)`, [r.attempt_id]); // it may have landed
+    expect(await totalLoadOf(p, 1)).toBe(1);
+    await queue(p, 'x', returningRequest('x', 115830001));
+    await xGoesToAgent1(p);
+  });
+
+  it('SQL: ... unless a roster pull began since: its count is then Qiscus\'s, maybe of another room', async () => {
+    db = await createTestDatabase();
+    const p = db.pool;
+    const r = await resolvedWhileOut(p);
+    await p.query(`select allocator.fail_transient($1, 'timeout', null, true)`, [r.attempt_id]);
+    const agent = (id: number, rooms: number) => ({ id, name: `agent ${id}`, email: `a${id}@example.com`, type_as_string: 'agent', is_available: true, force_offline: false, current_customer_count: rooms });
+    await p.query(`select allocator.sync_agents($1::jsonb, clock_timestamp(), true)`, [JSON.stringify([agent(1, 1), agent(2, 0)])]);
+    expect(await totalLoadOf(p, 1)).toBe(1); // Qiscus shows agent 1 holding a room
+    await queue(p, 'x', returningRequest('x', 115830001));
+    const next = (await reserve(p))!;
+    expect([next.room_id, next.agent_id]).toEqual(['x', '2']);
+    expect(await totalLoadOf(p, 1)).toBe(1);
+  });
+
   it('SQL: the call did not reach Qiscus: the new session is due at once, for any agent', async () => {
     db = await createTestDatabase();
     const p = db.pool;
@@ -605,6 +630,19 @@ describe('a returning customer while a call lands after the resolution', () => {
     const next = (await reserve(p))!;
     expect(next.room_id).toBe('x');
     expect(await confirmWith(p, next, 115830002).then((x) => x.rows[0].confirm)).toBe(true);
+  });
+
+  it('SQL: the late service was resolved before the customer wrote again: nothing is taken over', async () => {
+    db = await createTestDatabase();
+    const p = db.pool;
+    const r = await resolvedWhileOut(p);
+    await confirmWith(p, r, 115830002);
+    await closeBy(p, 'x', 115830002, 1); // agent 1 resolves the service the late call opened: its count goes
+    expect(await totalLoadOf(p, 1)).toBe(0);
+    await queue(p, 'x', returningRequest('x', 115830002));
+    await reserve(p);
+    expect([await totalLoadOf(p, 1), await totalLoadOf(p, 2)].sort()).toEqual([0, 1]); // one room, one slot
+    expect((await p.query(`select * from allocator.check_invariants()`)).rows).toEqual([]);
   });
 
   it('SQL: the customer wrote after the late service was resolved: nobody is in the room, any agent may take it', async () => {

@@ -13,8 +13,8 @@
  * (`chaos`), so nothing is sampled: every reservation is judged. A retry that takes the slot the room already held
  * for the same agent (reserve_held: the earlier call may have landed) is judged by that earlier reservation. So is
  * a returning customer's session that took over the slot of a call made for the room's previous session, resolved
- * while that call was out (follow_late_call, settle_resolved_in_flight): that agent may be in the room, whatever
- * the new session's route says.
+ * while that call was out and settled as "may have landed" (late_landing_at; follow_late_call,
+ * settle_resolved_in_flight): that agent may be in the room, whatever the new session's route says.
  */
 import type pg from 'pg';
 
@@ -236,7 +236,8 @@ interface ReservationRow {
   channel_id: number | null;
   queued_at: number;
   assigned: boolean;
-  /** A call for this agent was out for the room's previous session when that session was resolved. */
+  /** The room's previous session was resolved while a call to this agent was out, and that call may have landed
+   * (sessions.late_landing_at). */
   inherited: boolean;
 }
 
@@ -249,9 +250,9 @@ export async function judgeReservations(pool: pg.Pool, versions: readonly RouteV
               ${ms('r.decided')} as decided, r.held, r.division_ids::int[], ${ms('r.overflow_at')} as overflow_at,
               r.agent_divisions::int[], s.source, s.channel_id::int, ${ms('s.queued_at')} as queued_at,
               a.outcome is not distinct from 'assigned' as assigned,
-              exists (select from allocator.sessions ps join allocator.attempts pa on pa.session_id = ps.id
-                      where ps.room_id = s.room_id and ps.id < s.id and pa.agent_id = r.agent_id
-                        and pa.error = 'resolved while the call was in flight') as inherited
+              coalesce((select ps.late_landing_at is not null and ps.agent_id = r.agent_id
+                        from allocator.sessions ps where ps.room_id = s.room_id and ps.id < s.id
+                        order by ps.id desc limit 1), false) as inherited
        from chaos.reservations r join allocator.sessions s on s.id = r.session_id
        left join allocator.attempts a on a.id = r.attempt_id
        order by r.attempt_id`,

@@ -64,6 +64,7 @@ export interface Session {
   nextAt: number; // logical time from which it may be reserved; Infinity while backing off
   gaveUp: 'attempts' | 'refused' | null; // why it failed: out of attempts, or refused by every agent
   lateServiceId: number | null; // the service a call that landed after the resolution opened (settleResolvedInFlight)
+  lateLandingAt: number | null; // when such a call (service named or not) was counted or handed to a newer session
   source: string;
   channel: number | null;
   queuedHour: number;
@@ -144,6 +145,8 @@ export class Model {
   readonly sessions: Session[] = []; // by id (id = index + 1)
   /** "room:service" of every resolution webhook stored (settleResolvedInFlight asks whether a new service's came). */
   private readonly resolutionsStored = new Set<string>();
+  /** Logical time of the last complete roster pull (allocator.roster_pulls.started_at). */
+  private lastPullAt = -Infinity;
   readonly attempts: Attempt[] = []; // by id (id = index + 1)
   hour = 0;
   routes: Route[] = []; // by id
@@ -278,6 +281,7 @@ export class Model {
       nextAt: this.now,
       gaveUp: null,
       lateServiceId: null,
+      lateLandingAt: null,
       source,
       channel,
       queuedHour: this.hour,
@@ -290,8 +294,12 @@ export class Model {
     // in the room after the resolution, serving this customer
     if (last?.state === 'resolved' && last.attemptId !== null) {
       s.nextAt = Infinity; // waits for the call's answer (settleResolvedInFlight), at most until its lease ends
-    } else if (last?.state === 'resolved' && last.lateServiceId !== null && prior !== last.lateServiceId) {
-      const a = this.agent(last.agentId); // it landed late: this session takes over the count, held for that agent
+    } else if (
+      last?.state === 'resolved' &&
+      ((last.lateServiceId !== null && prior !== last.lateServiceId) ||
+        (last.lateServiceId === null && last.lateLandingAt !== null && last.lateLandingAt > this.lastPullAt))
+    ) {
+      const a = this.agent(last.agentId); // it (may have) landed late: this session takes over the count, held
       if (a.externalLoad > 0 && a.load + a.externalLoad <= this.capacity(a)) {
         a.load += 1;
         a.externalLoad -= 1;
@@ -309,7 +317,10 @@ export class Model {
     // the webhook is 'resolved' whatever else it does; then it applies like any other resolution
     const late = this.sessions.filter((s) => s.room === room && service !== null && s.lateServiceId === service);
     for (const a of new Set(late.map((s) => this.agent(s.agentId)))) a.externalLoad = Math.max(a.externalLoad - 1, 0);
-    for (const s of late) s.lateServiceId = null;
+    for (const s of late) {
+      s.lateServiceId = null;
+      s.lateLandingAt = null;
+    }
     const closesNothing = late.length > 0 ? 'resolved' : 'already_resolved';
     const last = this.lastSession(room);
     if (!last) return { outcome: 'unknown_room', sessionId: null };
@@ -470,11 +481,13 @@ export class Model {
     if (maybeLanded && (service === null || service !== s.serviceId) && !resolvedAlready) {
       if (newer && (service === null || newer.priorServiceId !== service)) {
         this.holdFor(newer, agent.id); // the agent may be in the room, serving it: it takes over the slot
+        s.lateLandingAt = this.now;
         newer = undefined;
       } else {
         agent.load -= 1;
         agent.externalLoad += 1;
-        if (service !== null) s.lateServiceId = service; // its own resolution frees the count (acceptCloseRequest)
+        s.lateServiceId = service; // its own resolution frees the count (acceptCloseRequest)
+        s.lateLandingAt = this.now;
       }
     } else {
       this.releaseSlot(s.agentId);
@@ -591,6 +604,7 @@ export class Model {
         qiscusLoad: e.count, externalLoad: external, externalSeen: seen, pulledOurs: this.ours(e.id) });
     }
     if (complete) {
+      this.lastPullAt = this.now;
       const listed = new Set(roster.map((e) => e.id));
       for (const a of this.agents.values()) if (!listed.has(a.id)) a.present = false;
     }
