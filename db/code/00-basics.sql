@@ -43,7 +43,11 @@
 --                   │   │                  │                          if the answer named the new service:
 --                   │   │                  │                          resolved, late_service_id = that service,
 --                   │   │                  │                          until its own close_request frees the count
---                   │   │                  │                          (not counted if that came first)
+--                   │   │                  │                          (not counted if that came first);
+--                   │   │                  │                          late_landing_at = when. The customer's next
+--                   │   │                  │                          session (waiting for that answer, or opened
+--                   │   │                  │                          while the count is the room's) holds the
+--                   │   │                  │                          agent's slot instead (follow_late_call)
 --                   └───┼──────────────────┘ fail_transient, fail_for_agent, release_reservation, rescue
 --                       │                    holds_slot: the call may have landed, so the waiting room keeps its
 --                       │                    agent's slot and goes back to that agent first
@@ -58,7 +62,8 @@ comment on type allocator.session_state is
   'late confirm assigns it), reserved (an assign call is in flight, by listener `owner`), assigned, resolved (with '
   'attempt_id set: resolved while its call was in flight, settled when the call reports back; with late_service_id '
   'set: that call landed after the resolution and opened this service, counted on agent_id until its own '
-  'resolution), failed (attempts used up or refused by every agent), cancelled (waited longer than '
+  'resolution, or until the customer''s next session takes the count over as a held slot; late_landing_at: when such '
+  'a call was counted), failed (attempts used up or refused by every agent), cancelled (waited longer than '
   'max_wait_seconds).';
 
 --------------------------------------------------------------------------------------------------------------------
