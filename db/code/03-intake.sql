@@ -11,10 +11,10 @@ returns void
 language sql
 as $$ select pg_advisory_xact_lock(1364, hashtext(room)) $$;
 
--- A returning customer's session `session`, just opened, whose room's previous session `previous` was resolved
--- while an assign call of ours was out for it: that call may put its agent in the room after the resolution
--- (Qiscus then opens a new service with the agent in it, settle_resolved_in_flight), and the agent then serves
--- the customer who wrote meanwhile. Any other agent asked for the room would be refused ("room already has the
+-- A returning customer's session `session`, just opened by a webhook whose latest service is `prior`, whose room's
+-- previous session `previous` was resolved while an assign call of ours was out for it: that call may put its agent
+-- in the room after the resolution (Qiscus then opens a new service with the agent in it,
+-- settle_resolved_in_flight), and the agent then serves the customer who wrote meanwhile. Any other agent asked for the room would be refused ("room already has the
 -- maximum number of agents"), one after another. So:
 --   the call is still out        the new session waits for its answer, until a second after its lease ends at
 --                                most (the listeners rescue an expired lease 20 ms after it ends, next_due_at, and
@@ -30,22 +30,20 @@ as $$ select pg_advisory_xact_lock(1364, hashtext(room)) $$;
 --                                made it a count of Qiscus's, which may be another room's)
 -- The previous session is locked first, as report() does: its answer cannot be settled unseen between our read
 -- and our commit.
-create function allocator.follow_late_call(session bigint, previous bigint)
+create function allocator.follow_late_call(session bigint, prior bigint, previous bigint)
 returns void
 language plpgsql
 as $$
 declare
   p allocator.sessions;
-  n allocator.sessions;
 begin
   select q.* into p from allocator.sessions q where q.id = previous for no key update;
-  select q.* into n from allocator.sessions q where q.id = session;
   if p.attempt_id is not null then
     update allocator.sessions
     set next_attempt_at = greatest(p.lease_expires_at + interval '1 second', now()),
         last_error = 'waiting for the answer of the assign call made for the previous session'
-    where id = n.id;
-  elsif (p.late_service_id is not null and n.prior_service_id is distinct from p.late_service_id)
+    where id = session;
+  elsif (p.late_service_id is not null and prior is distinct from p.late_service_id)
         or (p.late_service_id is null and p.late_landing_at is not null
             and p.late_landing_at > coalesce((select r.started_at from allocator.roster_pulls r), '-infinity')) then
     -- guarded as take_slot is: the count moves from external_load to our_load, the sum stays (an agent counted
@@ -55,7 +53,7 @@ begin
     if found then
       -- late_landing_at stays, as history: the new session, now the room's last, is the one read from here on
       update allocator.sessions set late_service_id = null where id = p.id;
-      perform allocator.hold_for(n.id, p.agent_id);
+      perform allocator.hold_for(session, p.agent_id);
     end if;
   end if;
 end;
@@ -107,7 +105,7 @@ begin
     returning id into v_session;
     v_outcome := 'queued';
     if last.state = 'resolved' and (last.attempt_id is not null or last.late_landing_at is not null) then
-      perform allocator.follow_late_call(v_session, last.id);
+      perform allocator.follow_late_call(v_session, prior, last.id);
     end if;
   end if;
 

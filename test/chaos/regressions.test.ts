@@ -527,7 +527,7 @@ describe('found by the liveness soak (fixed; kept as regression tests)', () => {
 //   → the new session went to six other agents in turn, each answered 400 "room already has the maximum number of
 //   agents" and excluded, before attempt 7 reached X.
 // Expected: the new session waits for the answer of the call that is out (it may put X in the room), at most
-// until that call's lease ends; if X may be in the room, the session goes to X (a harmless repeat); else it is
+// until a second past that call's lease; if X may be in the room, the session goes to X (a harmless repeat); else it is
 // due at once, to anyone.
 describe('a returning customer while a call lands after the resolution', () => {
   /** Agents 1 and 2 free; x's call to agent 1 is out when an admin resolves x (service 115830001). */
@@ -611,8 +611,7 @@ describe('a returning customer while a call lands after the resolution', () => {
     const p = db.pool;
     const r = await resolvedWhileOut(p);
     await p.query(`select allocator.fail_transient($1, 'timeout', null, true)`, [r.attempt_id]);
-    const agent = (id: number, rooms: number) => ({ id, name: `agent ${id}`, email: `a${id}@example.com`, type_as_string: 'agent', is_available: true, force_offline: false, current_customer_count: rooms });
-    await p.query(`select allocator.sync_agents($1::jsonb, clock_timestamp(), true)`, [JSON.stringify([agent(1, 1), agent(2, 0)])]);
+    await pull(p, [1, 0]);
     expect(await totalLoadOf(p, 1)).toBe(1); // Qiscus shows agent 1 holding a room
     await queue(p, 'x', returningRequest('x', 115830001));
     const next = (await reserve(p))!;
@@ -658,18 +657,24 @@ describe('a returning customer while a call lands after the resolution', () => {
   });
 });
 
-/** Agent 1's roster as Qiscus lists it, holding `rooms` rooms. */
-function roster(rooms: number): string {
-  return JSON.stringify([
-    { id: 1, name: 'agent 1', email: 'a1@example.com', type_as_string: 'agent', is_available: true, force_offline: false, current_customer_count: rooms },
-  ]);
+/** The roster as Qiscus lists it: agents 1, 2, ..., holding `rooms[0]`, `rooms[1]`, ... rooms. */
+function roster(...rooms: number[]): string {
+  return JSON.stringify(
+    rooms.map((n, i) => ({
+      id: i + 1, name: `agent ${i + 1}`, email: `a${i + 1}@example.com`, type_as_string: 'agent', is_available: true,
+      force_offline: false, current_customer_count: n,
+    })),
+  );
 }
 
-/** One roster pull as the listener makes it (roster-sync.ts): the start time, the read (`during` runs then), the sync. */
-async function pull(p: pg.Pool, rooms: number, during?: () => Promise<unknown>): Promise<void> {
+/**
+ * One roster pull as the listener makes it (roster-sync.ts): the start time, the read (`during` runs then), the sync.
+ * `rooms`: what Qiscus shows agent 1 holding, or agents 1, 2, ... each.
+ */
+async function pull(p: pg.Pool, rooms: number | number[], during?: () => Promise<unknown>): Promise<void> {
   const started = (await p.query(`select clock_timestamp() as t`)).rows[0].t;
   await during?.();
-  await p.query(`select allocator.sync_agents($1::jsonb, $2, true)`, [roster(rooms), started]);
+  await p.query(`select allocator.sync_agents($1::jsonb, $2, true)`, [roster(...[rooms].flat()), started]);
 }
 
 /** Agent 1 holds one room of ours, by our count and by Qiscus's: its second slot takes the next room. */

@@ -293,7 +293,7 @@ export class Model {
     // follow_late_call: the previous session was resolved while a call of ours was out; that call may put its agent
     // in the room after the resolution, serving this customer
     if (last?.state === 'resolved' && last.attemptId !== null) {
-      s.nextAt = Infinity; // waits for the call's answer (settleResolvedInFlight), at most until its lease ends
+      s.nextAt = Infinity; // waits for the call's answer (settleResolvedInFlight), at most a second past its lease
     } else if (
       last?.state === 'resolved' &&
       ((last.lateServiceId !== null && prior !== last.lateServiceId) ||
