@@ -479,7 +479,7 @@ describe('found by the liveness soak (fixed; kept as regression tests)', () => {
     const ry = await roomOfOursAndOneInFlight(p);
     // Agent 1 resolves x in Qiscus: its webhook does not get through (the database is away for the web app).
     // The first pull starts while y's call is in flight: Qiscus counts nothing yet (x resolved, y not landed).
-    const started = (await p.query(`select clock_timestamp() as t`)).rows[0].t;
+    const started = await pullStart(p);
     await yLandsAfterItsResolution(p, ry);
     // the first pull's read saw y landed (Qiscus: 1 room, y); x still counts as ours: by_hand 0
     await p.query(`select allocator.sync_agents($1::jsonb, $2, true)`, [roster(1), started]);
@@ -668,11 +668,20 @@ function roster(...rooms: number[]): string {
 }
 
 /**
+ * A pull's start, the database's clock to the microsecond. (As a JS Date it is cut to the millisecond, earlier: a room
+ * confirmed in that last millisecond before the pull counts as confirmed during it. The listener's pulls do that, on
+ * the safe side: counted twice until the next pull. Here it made a test's outcome depend on timing; it failed in CI.)
+ */
+async function pullStart(p: pg.Pool): Promise<string> {
+  return (await p.query(`select clock_timestamp()::text as t`)).rows[0].t;
+}
+
+/**
  * One roster pull as the listener makes it (roster-sync.ts): the start time, the read (`during` runs then), the sync.
  * `rooms`: what Qiscus shows agent 1 holding, or agents 1, 2, ... each.
  */
 async function pull(p: pg.Pool, rooms: number | number[], during?: () => Promise<unknown>): Promise<void> {
-  const started = (await p.query(`select clock_timestamp() as t`)).rows[0].t;
+  const started = await pullStart(p);
   await during?.();
   await p.query(`select allocator.sync_agents($1::jsonb, $2, true)`, [roster(...[rooms].flat()), started]);
 }
