@@ -39,7 +39,9 @@
 --                   │   │                  │                       settled by evidence (settle_resolved_in_flight)
 --                   │   │                  │                       └─ it may have landed after the resolution:
 --                   │   │                  │                          the room counts on the agent (external_load)
---                   │   │                  │                          until a roster pull shows Qiscus's count;
+--                   │   │                  │                          until a roster pull shows Qiscus's count
+--                   │   │                  │                          (one after the call's lease if no answer
+--                   │   │                  │                          came: Qiscus may still apply it);
 --                   │   │                  │                          if the answer named the new service:
 --                   │   │                  │                          resolved, late_service_id = that service,
 --                   │   │                  │                          until its own close_request frees the count
@@ -55,6 +57,9 @@
 --                       ├──max_attempts used up, or refused by every agent──▶ failed
 --                       ├──waited longer than max_wait_seconds─────────────▶ cancelled
 --                       └──close_request──────────────────────────────────▶ resolved
+--                                                                   (holds_slot after an unanswered call: the
+--                                                                   slot counts on the agent until a pull after
+--                                                                   that call's lease, as above)
 --------------------------------------------------------------------------------------------------------------------
 
 comment on type allocator.session_state is

@@ -135,6 +135,7 @@ declare
   last      allocator.sessions;
   landed    boolean;
   in_flight boolean;
+  held_until timestamptz;
   late_freed boolean := false;
   v_outcome text;
 begin
@@ -182,7 +183,21 @@ begin
     -- retry may land after the resolution.) Otherwise the room keeps the slot (and its attempt and lease) until
     -- the call reports back: settle_resolved_in_flight() then decides from Qiscus's answer.
     landed := last.state = 'reserved' and not last.uncertain and resolver is not null and resolver = last.agent_id;
-    if last.state = 'assigned' or last.holds_slot or landed then
+    if last.holds_slot then
+      -- A room waiting for the retry of an ambiguous call. A call that was answered (a 5xx) did whatever it did
+      -- before this resolution, which took the agent out again: the slot is free. But a call that got no answer
+      -- (attempts.unanswered: cut by a listener's death, or given up by our client) may still be in Qiscus's hands
+      -- until its lease would have ended, and land after the resolution: the agent then holds the room again.
+      -- Until a roster pull after that, the slot is Qiscus's to show.
+      held_until := (select case when a.unanswered then a.reserved_at + allocator.lease() end
+                     from allocator.attempts a
+                     where a.session_id = last.id order by a.id desc limit 1);
+    end if;
+    if held_until > now() then
+      perform allocator.hand_slot_to_qiscus(last.agent_id, held_until);
+      -- where the count came from, for a returning customer's session (follow_late_call)
+      update allocator.sessions set late_landing_at = now() where id = last.id;
+    elsif last.state = 'assigned' or last.holds_slot or landed then
       perform allocator.free_slot(last.agent_id);
     end if;
     if landed then

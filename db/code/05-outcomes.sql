@@ -7,8 +7,9 @@
 -- rescued, resolved or superseded meanwhile is stale and must change nothing, except that a room resolved while
 -- its call was in flight is settled now (see settle_resolved_in_flight): `maybe_landed` says whether the call may
 -- have put the agent in the room, `service` is the service id Qiscus's answer named. Every outcome function starts
--- here: a null id means "stale, already settled".
-create function allocator.current_reservation(attempt bigint, maybe_landed boolean, service bigint default null)
+-- here: a null id means "stale, already settled". `unanswered`: the call got no answer (see attempts.unanswered).
+create function allocator.current_reservation(attempt bigint, maybe_landed boolean, service bigint default null,
+                                              unanswered boolean default false)
 returns allocator.sessions
 language plpgsql
 as $$
@@ -26,7 +27,7 @@ begin
     return null;  -- rescued or superseded: its outcome is stale
   end if;
   if s.state = 'resolved' then
-    perform allocator.settle_resolved_in_flight(s, maybe_landed, service);
+    perform allocator.settle_resolved_in_flight(s, maybe_landed, service, unanswered);
     return null;
   end if;
   return case when s.state = 'reserved' then s end;
@@ -45,11 +46,14 @@ $$;
 --       (Not when the newer session's webhook named this service as its latest: the customer wrote after it was
 --       resolved, so no agent is in the room.)
 --     - else it is counted as a room Qiscus shows the agent holding (external_load): a named service until its
---       resolution arrives, an unknown one until the first roster pull that started after now, which sees
---       Qiscus's own count (see external_after_pull)
+--       resolution arrives, an unknown one until the first roster pull that started after the call ended, which
+--       sees Qiscus's own count (see external_after_pull). A call that got no answer (`unanswered`: cut by a
+--       listener's death, or given up by our client) may still be in Qiscus's hands and land seconds later: it
+--       ends, for this rule, when its lease does.
 -- A newer session that waited for this answer (follow_late_call) and did not take the slot is due at once.
 -- `s`: the session, locked, resolved while its reservation (s.attempt_id) was out.
-create function allocator.settle_resolved_in_flight(s allocator.sessions, maybe_landed boolean, service bigint default null)
+create function allocator.settle_resolved_in_flight(s allocator.sessions, maybe_landed boolean, service bigint default null,
+                                                    unanswered boolean default false)
 returns void
 language plpgsql
 as $$
@@ -70,10 +74,7 @@ begin
       update allocator.sessions set late_landing_at = now() where id = s.id;  -- the history: where the slot came from
       newer := null;
     else
-      update allocator.agents
-      set our_load = our_load - 1, external_load = external_load + 1,
-          external_hold_until = greatest(external_hold_until, now())
-      where id = s.agent_id;
+      perform allocator.hand_slot_to_qiscus(s.agent_id, case when unanswered then s.lease_expires_at end);
       -- the new service, if the answer named it: its own resolution frees the count (accept_close_request); and
       -- when, for a session the customer opens before the next pull (follow_late_call)
       update allocator.sessions set late_service_id = service, late_landing_at = now() where id = s.id;
@@ -88,6 +89,20 @@ begin
   update allocator.sessions set attempt_id = null, lease_expires_at = null, owner = null, updated_at = now()
   where id = s.id;
 end;
+$$;
+
+-- A slot of `agent` that we counted for a room of ours (our_load) becomes a room Qiscus may show the agent holding
+-- without us (external_load), because a call of ours may have put the agent in a room we no longer serve. The
+-- count stays at least until the first roster pull that starts after now, or after `until` if later (the moment
+-- Qiscus can no longer be applying the call; see external_after_pull), which sees Qiscus's own count.
+create function allocator.hand_slot_to_qiscus(agent bigint, until timestamptz default null)
+returns void
+language sql
+as $$
+  update allocator.agents
+  set our_load = our_load - 1, external_load = external_load + 1,
+      external_hold_until = greatest(external_hold_until, now(), until)
+  where id = agent
 $$;
 
 -- Waiting session `session` takes a slot of `agent` the caller has already counted for it (our_load) and holds it
@@ -170,7 +185,7 @@ $$;
 -- resolved, refused by that agent, or that agent goes offline.
 create function allocator.requeue(s allocator.sessions, attempt bigint, how text, reason text, not_before timestamptz,
                                   exclude bigint default null, count_attempt boolean default true,
-                                  hold boolean default false)
+                                  hold boolean default false, unanswered boolean default false)
 returns text
 language plpgsql
 as $$
@@ -181,7 +196,8 @@ declare
   keep     boolean  := (hold or s.uncertain) and exclude is null;
   give_up  text;
 begin
-  update allocator.attempts set finished_at = now(), outcome = how, error = reason where id = attempt;
+  update allocator.attempts set finished_at = now(), outcome = how, error = reason, unanswered = requeue.unanswered
+  where id = attempt;
 
   if tries >= allocator.max_attempts() then
     give_up := format('gave up after %s attempts; last error: %s', tries, reason);
@@ -215,16 +231,18 @@ $$;
 -- Qiscus failed in a way worth retrying (5xx, 429, timeout, network). The room keeps its place and is not
 -- retried before its backoff (or Qiscus's Retry-After, whichever is later). The agent's slot is freed meanwhile,
 -- unless `maybe_assigned`: the call may have gone through (a timeout, a 5xx), so the slot stays held and the
--- retry goes to the same agent (see requeue). While Qiscus is down for everyone (09-qiscus-health.sql) the
+-- retry goes to the same agent (see requeue). `unanswered`: no answer came at all (a timeout, a dropped
+-- connection): the call may still land (attempts.unanswered). While Qiscus is down for everyone (09-qiscus-health.sql) the
 -- failure is not the room's: no attempt is spent and no backoff grows; the probe paces the calls instead.
 -- Returns the session's new state ('waiting' or 'failed'), or null when the reservation was stale.
 create function allocator.fail_transient(attempt bigint, reason text, retry_after_seconds integer default null,
-                                         maybe_assigned boolean default false)
+                                         maybe_assigned boolean default false, unanswered boolean default false)
 returns text
 language plpgsql
 as $$
 declare
-  s    allocator.sessions := allocator.current_reservation(attempt, maybe_assigned);
+  s    allocator.sessions := allocator.current_reservation(attempt, maybe_assigned, null,
+                                                            maybe_assigned and unanswered);
   down boolean;
 begin
   if s.id is null then
@@ -232,11 +250,12 @@ begin
   end if;
   down := allocator.qiscus_failed(attempt, retry_after_seconds);
   if down then
-    return allocator.requeue(s, attempt, 'transient', reason, now(), count_attempt => false, hold => maybe_assigned);
+    return allocator.requeue(s, attempt, 'transient', reason, now(), count_attempt => false, hold => maybe_assigned,
+                             unanswered => maybe_assigned and unanswered);
   end if;
   return allocator.requeue(s, attempt, 'transient', reason,
     now() + greatest(allocator.backoff(s.attempts), make_interval(secs => coalesce(retry_after_seconds, 0))),
-    hold => maybe_assigned);
+    hold => maybe_assigned, unanswered => maybe_assigned and unanswered);
 end;
 $$;
 
@@ -266,19 +285,21 @@ returns text
 language plpgsql
 as $$
 declare
-  s allocator.sessions := allocator.current_reservation(attempt, maybe_assigned);
+  -- a call that may have gone through is still out (a listener shutting down): unanswered
+  s allocator.sessions := allocator.current_reservation(attempt, maybe_assigned, null, maybe_assigned);
 begin
   if s.id is null then
     return null;
   end if;
   return allocator.requeue(s, attempt, 'released', reason, now() + make_interval(secs => delay_seconds),
-                           count_attempt => false, hold => maybe_assigned);
+                           count_attempt => false, hold => maybe_assigned, unanswered => maybe_assigned);
 end;
 $$;
 
 -- Many outcomes in one round trip: `outcomes` is a JSON array of
 --   {"attempt": 1, "outcome": "assigned", "service": 115830999}
---   {"attempt": 2, "outcome": "transient", "reason": "HTTP 503", "retry_after": 3, "maybe_assigned": true}
+--   {"attempt": 2, "outcome": "transient", "reason": "HTTP 503", "retry_after": 3, "maybe_assigned": true,
+--    "unanswered": false}
 --   {"attempt": 3, "outcome": "refused", "reason": "HTTP 400 ..."}
 --   {"attempt": 4, "outcome": "released", "reason": "...", "delay": 30, "maybe_assigned": false}
 -- each applied by the function of its kind above, all in one transaction. Returns each attempt with the result of
@@ -335,7 +356,8 @@ begin
     result := case o ->> 'outcome'
       when 'assigned' then allocator.confirm(attempt_id, (o ->> 'service')::bigint)::text
       when 'transient' then allocator.fail_transient(attempt_id, o ->> 'reason', (o ->> 'retry_after')::integer,
-                                                      coalesce((o ->> 'maybe_assigned')::boolean, false))
+                                                      coalesce((o ->> 'maybe_assigned')::boolean, false),
+                                                      coalesce((o ->> 'unanswered')::boolean, false))
       when 'refused' then allocator.fail_for_agent(attempt_id, o ->> 'reason')
       when 'released' then allocator.release_reservation(attempt_id, o ->> 'reason',
                                                          coalesce((o ->> 'delay')::integer, 0),

@@ -15,17 +15,18 @@ language sql volatile
 as $$ select owner is null or not pg_try_advisory_xact_lock_shared(1365, owner) $$;
 
 -- Puts back one reservation that will not be reported: `how` says why (abandoned, expired). A room resolved while
--- its call was in flight is settled as "the call may have landed" (counted until the next roster pull).
+-- its call was in flight is settled as "the call may have landed" (counted until the next roster pull). A dead
+-- listener's call got no answer and may still land until its lease ends (unanswered); an expired lease is over.
 create function allocator.rescue(s allocator.sessions, how text, reason text)
 returns void
 language plpgsql
 as $$
 begin
   if s.state = 'resolved' then
-    perform allocator.settle_resolved_in_flight(s, true);
+    perform allocator.settle_resolved_in_flight(s, true, null, unanswered => how = 'abandoned');
   else
     -- counts as an attempt: a room that kills listeners ends as failed
-    perform allocator.requeue(s, s.attempt_id, how, reason, now(), hold => true);
+    perform allocator.requeue(s, s.attempt_id, how, reason, now(), hold => true, unanswered => how = 'abandoned');
   end if;
 end;
 $$;

@@ -165,12 +165,20 @@ as $$
   from allocator.roster_pulls p
 $$;
 
+-- A pull that starts now cannot lower the agent's by-hand count: it is held until a pull after a call that may
+-- still land (external_hold_until, see external_after_pull). The listeners pull for it once that moment passes.
+create function allocator.pull_cannot_lower(a allocator.agents)
+returns boolean
+language sql stable
+as $$ select coalesce(a.external_hold_until >= now(), false) $$;
+
 -- Would a roster pull now let a waiting room start? True when an agent is full only because of a by-hand count
 -- held for want of evidence (external_load above external_seen, the lowest it can truly be: the last pull ran
 -- during a call of ours, or a resolution came during a call), and one of the first waiting rooms that agent may
 -- serve has no other agent free to take it. The first pull that starts after those calls ended settles the count,
 -- so the listeners pull again at once instead of at the next AGENT_SYNC_SECONDS (invariant 9: evidence, not
--- waiting). Rooms another free agent will take, and agents nobody waits for, are no reason to pull: a busy roster
+-- waiting). Rooms another free agent will take, agents nobody waits for, and agents whose count no pull can lower
+-- yet (pull_cannot_lower) are no reason to pull: a busy roster
 -- of thousands, where every pull runs during some call, would otherwise pull without end.
 -- (PL/pgSQL: it runs every second, and PL/pgSQL keeps its plans.) The held agents come first, through their own
 -- partial index (agents_held_for_evidence): nearly always there are none, and then nothing else is read. Without
@@ -182,14 +190,15 @@ language plpgsql stable
 set enable_seqscan = off
 as $$
 begin
-  if not exists (select from allocator.agents a where a.external_load > a.external_seen and a.accepting) then
+  if not exists (select from allocator.agents a
+                 where a.external_load > a.external_seen and a.accepting and not allocator.pull_cannot_lower(a)) then
     return false;
   end if;
   return exists (
     with held as (
       select a.division_ids
       from allocator.agents a
-      where a.accepting and a.external_load > a.external_seen
+      where a.accepting and a.external_load > a.external_seen and not allocator.pull_cannot_lower(a)
         and a.total_load >= allocator.capacity(a.max_load)
         and a.total_load - (a.external_load - a.external_seen) < allocator.capacity(a.max_load)
     ),

@@ -166,6 +166,7 @@ export class AllocatorLoop {
           reason: error,
           retry_after: retryAfter === null ? null : Math.ceil(retryAfter),
           maybe_assigned: maybeAssigned(e),
+          unanswered: unanswered(e),
         });
       }
     }
@@ -200,6 +201,16 @@ export function maybeAssigned(e: unknown): boolean {
   if (!isQiscusError(e)) return true;
   if (e.status === 429) return false;
   return !['ECONNREFUSED', 'ENOTFOUND', 'EAI_AGAIN', 'EHOSTUNREACH', 'ENETUNREACH'].includes(e.code ?? '');
+}
+
+/**
+ * Did no answer come at all (a timeout, a dropped connection), so that Qiscus may still be working on the call and
+ * apply it later? A gateway's 408 or 504 says the same. Any other answer means the call is over, landed or not.
+ */
+export function unanswered(e: unknown): boolean {
+  if (!maybeAssigned(e)) return false;
+  if (!isQiscusError(e) || e.status === undefined) return true;
+  return e.status === 408 || e.status === 504;
 }
 
 export function errText(e: unknown): string {

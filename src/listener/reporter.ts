@@ -10,7 +10,15 @@ import { isConnectionError } from '../db/errors.ts';
 
 export type OutcomeReport =
   | { attempt: string; outcome: 'assigned'; service: number | null }
-  | { attempt: string; outcome: 'transient'; reason: string; retry_after: number | null; maybe_assigned: boolean }
+  | {
+      attempt: string;
+      outcome: 'transient';
+      reason: string;
+      retry_after: number | null;
+      maybe_assigned: boolean;
+      /** No answer came (a timeout, a dropped connection): Qiscus may still apply the call (attempts.unanswered). */
+      unanswered: boolean;
+    }
   | { attempt: string; outcome: 'refused'; reason: string }
   | { attempt: string; outcome: 'released'; reason: string; delay: number; maybe_assigned: boolean };
 

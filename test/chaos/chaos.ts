@@ -603,6 +603,7 @@ export async function runChaos(opts: ChaosOptions = {}): Promise<ChaosReport> {
         retryBaseSeconds: Number(shipped.base),
         retryMaxSeconds: Number(shipped.max),
         outageFailures: shipped.failures,
+        leaseSeconds: Number(shipped.lease),
       },
       pool,
       databaseUrl: srv.url,

@@ -22,6 +22,9 @@
  *                       "a slot that may be taken counts as taken"), and the retry goes to that agent
  *                     − rooms Qiscus took off it by a resolution whose webhook has not had its 2xx yet (the
  *                       allocator cannot know yet; its count is right again the moment the webhook is stored);
+ *                     − calls to it that got no answer (a timeout, a killed listener), for a room resolved since:
+ *                       Qiscus may yet apply them, until the call's lease ends, so the slot is kept until the
+ *                       first pull after that (invariant 9, the lease as the call's end; lateLandings);
  *   conditions      (room, agent) pairs: the room waits, the agent has a free slot, may serve it (above) and did
  *                   not refuse the room.
  *
@@ -195,6 +198,7 @@ export interface Settings {
   retryBaseSeconds: number;
   retryMaxSeconds: number;
   outageFailures: number;
+  leaseSeconds: number;
 }
 
 export class LivenessWatch {
@@ -207,6 +211,8 @@ export class LivenessWatch {
   /** Per room session (`room#session`): the excuses that held its clock at some point. */
   readonly roomExcuses = new Map<string, Set<string>>();
   private readonly undecidedByRoom = new Map<string, number>();
+  /** Calls that ended without an answer reaching the listener, newest last (see lateLandings). */
+  private readonly unanswered: TapCall[] = [];
   private decidedIndex = 0;
   /** Finished calls as the allocator's outage rule sees them, newest last. */
   private readonly finished: Array<{ room: string; session: number; transient: boolean }> = [];
@@ -316,6 +322,8 @@ export class LivenessWatch {
       const byAgent = this.openByAgent.get(c.agent);
       if (byAgent) byAgent.splice(byAgent.indexOf(c), 1);
       if (c.upstreamError) this.undecidedByRoom.set(c.room, (this.undecidedByRoom.get(c.room) ?? 1) - 1);
+      // No answer reached the listener (its timeout, or it died): Qiscus may still apply the call.
+      if ((c.clientGone && !c.upstreamError) || c.status === 408 || c.status === 504) this.unanswered.push(c);
       // Cut by a kill: the listener went away within half a second of a kill (else it was its own timeout).
       const cutByKill = Boolean(c.clientGone) && c.end! >= this.lastKill && c.end! - this.lastKill < 500;
       if (cutByKill) this.cutByKill.add(c);
@@ -521,9 +529,37 @@ export class LivenessWatch {
       }
       if (r.acceptedAt !== null) waiting.push({ ...r, st });
     }
+    for (const agent of this.lateLandings()) {
+      const a = agents.get(agent);
+      if (a) a.held++;
+    }
     for (const a of agents.values()) a.free = this.o.settings.capacity - a.load - a.inflight - a.held - a.unreported;
     void now;
     return { agents, waiting };
+  }
+
+  /**
+   * The agents of calls that got no answer (timeout, listener killed) and were their session's last, for a session
+   * resolved since (the room resolved while the call was out, or while it waited to retry it), that Qiscus does not
+   * show on the agent: Qiscus may still apply such a call and put the agent back in the room, until the call's
+   * lease ends. The allocator keeps the slot (hand_slot_to_qiscus) until the first roster pull that starts after
+   * that: invariant 9's "first pull that started after the call ended", with the lease as the call's end.
+   */
+  private lateLandings(): number[] {
+    const leaseMs = this.o.settings.leaseSeconds * 1000;
+    const pulls = this.o.tap.pulls;
+    const latestPull = pulls.length ? pulls[pulls.length - 1]! : -Infinity;
+    while (this.unanswered.length && latestPull >= this.unanswered[0]!.start + leaseMs + PULL_SLACK_MS) this.unanswered.shift();
+    const agents: number[] = [];
+    for (const c of this.unanswered) {
+      if (latestPull >= c.start + leaseMs + PULL_SLACK_MS) continue;
+      const r = this.o.room(c.room);
+      if (!r || (r.sessions === c.session && r.state === 'open')) continue; // its session is still open
+      if (this.o.sim.agentOf(c.room) === c.agent) continue; // landed: Qiscus's count has it
+      const later = (this.callsByRoom.get(c.room) ?? []).some((x) => x.session === c.session && x.start > c.start);
+      if (!later) agents.push(c.agent);
+    }
+    return agents;
   }
 
   /** A call of ours to the agent was out during the PULL_WINDOW_MS before the latest pull's request (or is still). */

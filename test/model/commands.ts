@@ -47,7 +47,8 @@ export type Command =
    * `stale`, of all reservations made so far (most of them stale: rescued, resolved or reported already).
    */
   | { kind: 'confirm'; pick: number; stale?: boolean; service: number | null }
-  | { kind: 'failTransient'; pick: number; stale?: boolean; maybeAssigned: boolean }
+  /** `unanswered`: a timeout (no answer), else an HTTP 503 */
+  | { kind: 'failTransient'; pick: number; stale?: boolean; maybeAssigned: boolean; unanswered?: boolean }
   | { kind: 'failForAgent'; pick: number; stale?: boolean }
   /** release(attempt, reason, delayed ? 3600 : 0, maybeAssigned) */
   | { kind: 'release'; pick: number; stale?: boolean; delayed: boolean; maybeAssigned: boolean }
@@ -124,7 +125,7 @@ const commandArb: fc.Arbitrary<Command> = fc.oneof(
   { weight: 2, arbitrary: rec({ kind: fc.constant('duplicate' as const), pick }) },
   { weight: 8, arbitrary: fc.constant({ kind: 'reserve' as const }) },
   { weight: 4, arbitrary: rec({ kind: fc.constant('confirm' as const), pick, stale, service: fc.option(service, { freq: 2 }) }) },
-  { weight: 2, arbitrary: rec({ kind: fc.constant('failTransient' as const), pick, stale, maybeAssigned: fc.boolean() }) },
+  { weight: 2, arbitrary: rec({ kind: fc.constant('failTransient' as const), pick, stale, maybeAssigned: fc.boolean(), unanswered: fc.boolean() }) },
   { weight: 2, arbitrary: rec({ kind: fc.constant('failForAgent' as const), pick, stale }) },
   {
     weight: 1,
@@ -414,9 +415,11 @@ export class Harness {
       case 'failTransient': {
         const r = this.reservation(cmd);
         if (!r) return;
-        const s = (await db.query(`select allocator.fail_transient($1, 'HTTP 503', null, $2) as s`, [r.attemptId, cmd.maybeAssigned])).rows[0].s;
+        const unanswered = cmd.unanswered ?? false;
+        const s = (await db.query(`select allocator.fail_transient($1, $2, null, $3, $4) as s`,
+          [r.attemptId, unanswered ? 'timeout' : 'HTTP 503', cmd.maybeAssigned, unanswered])).rows[0].s;
         this.count(`fail_transient:${s}`);
-        return this.same(`fail_transient(${r.attemptId}) result`, s, m.failTransient(r.attemptId, cmd.maybeAssigned));
+        return this.same(`fail_transient(${r.attemptId}) result`, s, m.failTransient(r.attemptId, cmd.maybeAssigned, unanswered));
       }
       case 'failForAgent': {
         const r = this.reservation(cmd);
@@ -574,7 +577,7 @@ export class Harness {
              a.qiscus_load, a.division_ids, l.available, l.load as total_load, l.capacity
         from allocator.agents a join allocator.agent_load l using (id) order by a.id;
       select id from allocator.agent_preference();
-      select id, session_id, agent_id, number, outcome from allocator.attempts order by id;
+      select id, session_id, agent_id, number, outcome, unanswered from allocator.attempts order by id;
       select problem, detail from allocator.check_invariants();
     `)) as unknown as pg.QueryResult[];
     const [sessions, queue, agents, preference, attempts, problems] = results.map((r) => r.rows) as [
@@ -630,8 +633,8 @@ export class Harness {
     this.same('agent_preference() order', preference.map((p) => Number(p.id)), m.preference().map((a) => a.id));
     this.same(
       'attempts',
-      attempts.map((a) => ({ id: Number(a.id), sessionId: Number(a.session_id), agentId: Number(a.agent_id), number: a.number, outcome: a.outcome })),
-      m.attempts.map((a) => ({ ...a })),
+      attempts.map((a) => ({ id: Number(a.id), sessionId: Number(a.session_id), agentId: Number(a.agent_id), number: a.number, outcome: a.outcome, unanswered: a.unanswered })),
+      m.attempts.map((a) => ({ ...a, unanswered: a.unanswered ?? false })),
     );
 
     // Invariant 1: our load only ever grows into a free slot. (It may exceed capacity afterwards, when a DBA

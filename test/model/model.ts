@@ -32,6 +32,8 @@ export interface Agent {
   load: number; // our rooms: reserved + assigned + waiting rooms holding a slot
   externalLoad: number; // rooms assigned by hand (from the last syncs: up at once, down when two agree)
   externalSeen: number; // the lowest by-hand count the last sync could be sure of
+  /** external_hold_until is past every pull of a run: a call that may still land (its lease, an hour here) */
+  holdsExternal?: boolean;
   pulledOurs: number; // our rooms the last sync subtracted
   qiscusLoad: number | null;
   lastAssignedAt: number | null; // logical time of the last slot taken
@@ -78,6 +80,8 @@ export interface Attempt {
   agentId: number;
   number: number;
   outcome: string | null;
+  /** The call got no answer (attempts.unanswered): Qiscus may still apply it until its lease would have ended. */
+  unanswered?: boolean;
 }
 
 export interface Reservation {
@@ -341,7 +345,16 @@ export class Model {
     // a reserved room keeps its slot and attempt until the call in flight reports back (settleResolvedInFlight),
     // unless its agent resolved it: then our assignment landed before, and the slot is free now
     const landed = last.state === 'reserved' && !last.uncertain && by !== null && by === last.agentId;
-    if (last.state === 'assigned' || last.holdsSlot || landed) this.releaseSlot(last.agentId);
+    // a room waiting for the retry of an ambiguous call whose lease did not end: the call may still land after
+    // the resolution, so the slot becomes a by-hand count held until a pull after that lease (hand_slot_to_qiscus)
+    const lastTry = last.holdsSlot ? this.attempts.filter((x) => x.sessionId === last.id).at(-1) : undefined;
+    if (lastTry?.unanswered) {
+      const agent = this.agents.get(last.agentId!)!;
+      agent.load -= 1;
+      agent.externalLoad += 1;
+      agent.holdsExternal = true;
+      last.lateLandingAt = this.now;
+    } else if (last.state === 'assigned' || last.holdsSlot || landed) this.releaseSlot(last.agentId);
     if (landed) this.attempts[last.attemptId! - 1]!.outcome = 'resolved';
     if (last.state !== 'reserved' || landed) last.attemptId = null;
     last.state = 'resolved';
@@ -435,11 +448,12 @@ export class Model {
     return true;
   }
 
-  /** fail_transient: backoff (never over within a run). `maybeAssigned`: the slot stays held for the retry. */
-  failTransient(attemptId: number, maybeAssigned: boolean): Outcome | null {
+  /** fail_transient: backoff (never over within a run). `maybeAssigned`: the slot stays held for the retry;
+   * `unanswered`: no answer came (a timeout), the call may still land. */
+  failTransient(attemptId: number, maybeAssigned: boolean, unanswered = false): Outcome | null {
     const s = this.current(attemptId);
-    if (!s) return this.settleResolvedInFlight(attemptId, maybeAssigned), null;
-    return this.requeue(s, attemptId, 'transient', Infinity, null, true, maybeAssigned);
+    if (!s) return this.settleResolvedInFlight(attemptId, maybeAssigned, null, maybeAssigned && unanswered), null;
+    return this.requeue(s, attemptId, 'transient', Infinity, null, true, maybeAssigned, maybeAssigned && unanswered);
   }
 
   /** fail_for_agent: that agent never gets the room again; due at once. */
@@ -452,8 +466,9 @@ export class Model {
   /** release: not counted as an attempt; due at once, or after a delay longer than any run. */
   release(attemptId: number, delayed: boolean, maybeAssigned: boolean): Outcome | null {
     const s = this.current(attemptId);
-    if (!s) return this.settleResolvedInFlight(attemptId, maybeAssigned), null;
-    return this.requeue(s, attemptId, 'released', delayed ? Infinity : this.now, null, false, maybeAssigned);
+    // a call that may have gone through is still out (a listener shutting down): unanswered
+    if (!s) return this.settleResolvedInFlight(attemptId, maybeAssigned, null, maybeAssigned), null;
+    return this.requeue(s, attemptId, 'released', delayed ? Infinity : this.now, null, false, maybeAssigned, maybeAssigned);
   }
 
   /** Every reservation's lease ends, then rescue_expired(): back to the queue at once, holding the slot. */
@@ -461,7 +476,7 @@ export class Model {
     const reserved = this.sessions.filter((s) => s.state === 'reserved');
     for (const s of reserved) this.requeue(s, s.attemptId!, 'expired', this.now, null, true, true);
     const inFlight = this.sessions.filter((s) => s.state === 'resolved' && s.attemptId !== null);
-    for (const s of inFlight) this.settleResolvedInFlight(s.attemptId!, true);
+    for (const s of inFlight) this.settleResolvedInFlight(s.attemptId!, true); // the lease is over: answered or not
     return reserved.length + inFlight.length;
   }
 
@@ -470,7 +485,7 @@ export class Model {
    * freed if the call did not land or its answer names the resolved service; else it moves to the agent's by-hand
    * count until the next roster pull (every pull here starts after the call ended).
    */
-  private settleResolvedInFlight(attemptId: number, maybeLanded: boolean, service: number | null = null): boolean {
+  private settleResolvedInFlight(attemptId: number, maybeLanded: boolean, service: number | null = null, unanswered = false): boolean {
     const s = this.sessions.find((q) => q.state === 'resolved' && q.attemptId === attemptId);
     if (!s) return false;
     const agent = this.agents.get(s.agentId!)!;
@@ -486,6 +501,8 @@ export class Model {
       } else {
         agent.load -= 1;
         agent.externalLoad += 1;
+        // no answer: the call may still land until its lease ends (an hour here)
+        if (unanswered) agent.holdsExternal = true;
         s.lateServiceId = service; // its own resolution frees the count (acceptCloseRequest)
         s.lateLandingAt = this.now;
       }
@@ -522,8 +539,10 @@ export class Model {
     exclude: number | null,
     countAttempt: boolean,
     hold: boolean,
+    unanswered = false,
   ): Outcome {
     this.attempts[attemptId - 1]!.outcome = how;
+    this.attempts[attemptId - 1]!.unanswered = unanswered;
     const excluded = exclude === null ? s.excluded : [...s.excluded.filter((x) => x !== exclude), exclude];
     const tries = s.attempts - (countAttempt ? 0 : 1);
     const nobodyLeft = ![...this.agents.values()].some(
@@ -595,13 +614,14 @@ export class Model {
       const late = this.sessions.filter((q) => q.agentId === e.id && q.lateServiceId !== null).length;
       const external =
         ext >= a.externalLoad ? ext : Math.max(ext, this.ours(e.id) > 0 ? Math.max(Math.min(a.externalLoad, a.externalSeen), late) : 0);
+      const held = a.holdsExternal ? Math.max(external, a.externalLoad) : external; // never below, while held
       const same =
         a.type === e.type && a.isAvailable === e.isAvailable && a.forceOffline === e.forceOffline && a.present &&
-        a.qiscusLoad === e.count && a.externalLoad === external && a.externalSeen === seen &&
+        a.qiscusLoad === e.count && a.externalLoad === held && a.externalSeen === seen &&
         a.pulledOurs === this.ours(e.id);
       if (!same) changed += 1;
       Object.assign(a, { type: e.type, isAvailable: e.isAvailable, forceOffline: e.forceOffline, present: true,
-        qiscusLoad: e.count, externalLoad: external, externalSeen: seen, pulledOurs: this.ours(e.id) });
+        qiscusLoad: e.count, externalLoad: held, externalSeen: seen, pulledOurs: this.ours(e.id) });
     }
     if (complete) {
       this.lastPullAt = this.now;

@@ -5,6 +5,7 @@ import type { AddressInfo } from 'node:net';
 import { afterEach, describe, expect, it } from 'vitest';
 import { createQiscusClient, QiscusError, type QiscusClient } from '../../src/qiscus/client.ts';
 import { messageFromBody, parseRetryAfter } from '../../src/qiscus/errors.ts';
+import { maybeAssigned, unanswered } from '../../src/listener/allocator-loop.ts';
 import { startSimulator, type Simulator, type SimulatorOptions } from '../../src/simulator/qiscus-simulator.ts';
 
 const fixtures = path.join(import.meta.dirname, '..', 'fixtures');
@@ -132,6 +133,8 @@ describe('assignAgent', () => {
     sim.faults.script.push({ status: 500 });
     const e = await failure(client.assignAgent('r1', 1001));
     expect([e.kind, e.status, e.retryAfterSeconds]).toEqual(['transient', 500, undefined]);
+    // Qiscus may have assigned before failing, but it answered: the call is over (src/listener/allocator-loop.ts)
+    expect([maybeAssigned(e), unanswered(e)]).toEqual([true, false]);
   });
 
   it('502 with an HTML body → transient with a raw snippet as message', async () => {
@@ -145,6 +148,7 @@ describe('assignAgent', () => {
     const { client } = await setup({ faults: { rate429: 1, retryAfterSeconds: 4 } });
     const e = await failure(client.assignAgent('r1', 1001));
     expect([e.kind, e.status, e.retryAfterSeconds, e.message]).toEqual(['transient', 429, 4, 'Too many requests']);
+    expect([maybeAssigned(e), unanswered(e)]).toEqual([false, false]);
   });
 
   it('429 with Retry-After as an HTTP date', async () => {
@@ -164,6 +168,8 @@ describe('assignAgent', () => {
     expect(e.kind).toBe('transient');
     expect(e.code).toBe('ETIMEDOUT');
     expect(Date.now() - t).toBeLessThan(1500);
+    // no answer: Qiscus may still be working on the call, and apply it later
+    expect([maybeAssigned(e), unanswered(e)]).toEqual([true, true]);
   });
 
   it('slow answer past the response timeout → transient', async () => {
@@ -179,6 +185,7 @@ describe('assignAgent', () => {
     const client = createQiscusClient({ baseUrl: url, appId: 'app', secretKey: 'secret', connectTimeoutMs: 300, responseTimeoutMs: 300 });
     const e = await failure(client.assignAgent('r1', 1001));
     expect([e.kind, e.code, e.status]).toEqual(['transient', 'ECONNREFUSED', undefined]);
+    expect([maybeAssigned(e), unanswered(e)]).toEqual([false, false]); // it never reached Qiscus
   });
 
   it('a kept-alive connection the server closed as we reused it: sent again at once on a new one, once', async () => {

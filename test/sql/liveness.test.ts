@@ -6,7 +6,7 @@
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { createTestDatabase, type TestDatabase } from '../support/db.ts';
 import { resolvedRequest } from '../support/fixtures.ts';
-import { addAgents, confirm, invariants, listenerPresence, loads, queue, sessionOf } from '../support/sql.ts';
+import { addAgents, confirm, invariants, listenerPresence, loads, queue, resolve, sessionOf } from '../support/sql.ts';
 
 let db: TestDatabase;
 beforeAll(async () => {
@@ -58,21 +58,87 @@ describe('a dead listener', () => {
     await confirm(db.pool, retry.attempt_id);
   });
 
-  it('a room resolved while the dead listener called counts on its agent until the next roster pull', async () => {
+  // Found by the chaos run (seed 3893881771): a kill cut a call to agent 8 for a room resolved meanwhile; a pull
+  // 0.5 s after the rescue did not show it yet and the count went; the simulator applied the cut call 1.6 s after
+  // its client was gone, while agent 8 had been given another room: 3 rooms at capacity 2.
+  it('a room resolved while the dead listener called counts on its agent until a roster pull after the call\'s lease', async () => {
     await addAgents(db.pool, [1]);
     await queue(db.pool, 'a');
     const dying = await listener();
-    await reserveAs(dying.id);
+    const r = await reserveAs(dying.id);
     await db.pool.query(`select * from allocator.accept_close_request($1::jsonb)`, [resolvedRequest('a', 5)]);
     await dying.client.end();
     expect(await rescueAbandoned()).toBe(1);
     const a = await db.pool.query(`select our_load, external_load from allocator.agents`);
     expect(a.rows[0]).toEqual({ our_load: 0, external_load: 1 });
-    const roster = JSON.stringify([{ id: 1, is_available: true, current_customer_count: 0, type_as_string: 'agent' }]);
-    await db.pool.query(`select allocator.sync_agents($1, now())`, [roster]);
+    // Qiscus may still be applying the cut call: a pull that starts before its lease ends cannot tell
+    await pull(0);
+    expect((await loads(db.pool))['1']).toBe(1);
+    // the first pull that starts after the lease settles it, either way
+    await pull(0, r.lease_expires_at);
     expect((await loads(db.pool))['1']).toBe(0);
   });
+
+  it('a call our client gave up on (no answer) for a room resolved meanwhile: the same; a 5xx is over at its answer', async () => {
+    await addAgents(db.pool, [1, 2]);
+    await queue(db.pool, 'a');
+    await queue(db.pool, 'b');
+    const ra = await reserveAs(null);
+    const rb = await reserveAs(null);
+    await resolve(db.pool, 'a', 5);
+    await resolve(db.pool, 'b', 6);
+    await db.pool.query(`select allocator.fail_transient($1, 'Timeout awaiting response', null, true, true)`, [ra.attempt_id]);
+    await db.pool.query(`select allocator.fail_transient($1, 'HTTP 502', null, true, false)`, [rb.attempt_id]);
+    expect(await loads(db.pool)).toEqual({ [ra.agent_id]: 1, [rb.agent_id]: 1 });
+    await pull(0);
+    expect(await loads(db.pool)).toEqual({ [ra.agent_id]: 1, [rb.agent_id]: 0 });
+    await pull(0, ra.lease_expires_at);
+    expect(await loads(db.pool)).toEqual({ [ra.agent_id]: 0, [rb.agent_id]: 0 });
+  });
+
+  it('a room waiting to retry a cut call, then resolved: the slot stays until a pull after that call\'s lease', async () => {
+    await addAgents(db.pool, [1]);
+    await queue(db.pool, 'a');
+    const dying = await listener();
+    const r = await reserveAs(dying.id);
+    await dying.client.end();
+    expect(await rescueAbandoned()).toBe(1);
+    expect(await sessionOf(db.pool, 'a')).toMatchObject({ state: 'waiting', holds_slot: true });
+    // the cut call may land after the resolution: the agent would hold the room again
+    await resolve(db.pool, 'a', 5);
+    expect(await db.pool.query(`select our_load, external_load from allocator.agents`).then((x) => x.rows[0])).toEqual({
+      our_load: 0,
+      external_load: 1,
+    });
+    await pull(0);
+    expect((await loads(db.pool))['1']).toBe(1);
+    await pull(1, r.lease_expires_at); // it did land: Qiscus shows it, as a room we no longer serve
+    expect((await loads(db.pool))['1']).toBe(1);
+    await pull(0, new Date(Date.now() + 3_600_000)); // resolved again by hand: the count goes
+    expect((await loads(db.pool))['1']).toBe(0);
+  });
+
+  it('a room waiting to retry after a 5xx, then resolved: the call is over, the slot is free at once', async () => {
+    await addAgents(db.pool, [1]);
+    await queue(db.pool, 'a');
+    const r = await reserveAs(null);
+    await db.pool.query(`select allocator.fail_transient($1, 'HTTP 500', null, true, false)`, [r.attempt_id]);
+    await resolve(db.pool, 'a', 5);
+    expect((await loads(db.pool))['1']).toBe(0);
+    await queue(db.pool, 'b');
+    expect(await reserveAs(null)).toMatchObject({ room_id: 'b', agent_id: '1' });
+  });
 });
+
+/** A roster pull of agent 1 showing `count` rooms, started at `startedAt` (default: now). */
+async function pull(count: number, startedAt?: Date) {
+  const roster = JSON.stringify([{ id: 1, is_available: true, current_customer_count: count, type_as_string: 'agent' },
+    { id: 2, is_available: true, current_customer_count: 0, type_as_string: 'agent' }]);
+  await db.pool.query(`select allocator.sync_agents($1, coalesce($2::timestamptz + interval '1 millisecond', now()))`, [
+    roster,
+    startedAt ?? null,
+  ]);
+}
 
 describe('a resolution while the assign call is in flight', () => {
   const closeBy = (room: string, service: number, by: number) =>
