@@ -185,13 +185,16 @@ begin
     landed := last.state = 'reserved' and not last.uncertain and resolver is not null and resolver = last.agent_id;
     if last.holds_slot then
       -- A room waiting for the retry of an ambiguous call. A call that was answered (a 5xx) did whatever it did
-      -- before this resolution, which took the agent out again: the slot is free. But a call that got no answer
-      -- (attempts.unanswered: cut by a listener's death, or given up by our client) may still be in Qiscus's hands
-      -- until its lease would have ended, and land after the resolution: the agent then holds the room again.
-      -- Until a roster pull after that, the slot is Qiscus's to show.
-      held_until := (select case when a.unanswered then a.reserved_at + allocator.lease() end
+      -- before this resolution, which took the agent out again: the slot is free. But a call to that agent that
+      -- got no answer (attempts.unanswered: cut by a listener's death, or given up by our client) may still be in
+      -- Qiscus's hands until its lease would have ended, and land after the resolution: the agent then holds the
+      -- room again. Until a roster pull after that, the slot is Qiscus's to show. Unless that agent resolved the
+      -- room: it was in it, so the call landed before (one such call; of two, the other may still land).
+      held_until := (select max(a.reserved_at) + allocator.lease()
                      from allocator.attempts a
-                     where a.session_id = last.id order by a.id desc limit 1);
+                     where a.session_id = last.id and a.agent_id = last.agent_id and a.unanswered
+                       and a.reserved_at + allocator.lease() > now()
+                     having count(*) > case when resolver = last.agent_id then 1 else 0 end);
     end if;
     if held_until > now() then
       perform allocator.hand_slot_to_qiscus(last.agent_id, held_until);

@@ -22,7 +22,8 @@
  *                       "a slot that may be taken counts as taken"), and the retry goes to that agent
  *                     − rooms Qiscus took off it by a resolution whose webhook has not had its 2xx yet (the
  *                       allocator cannot know yet; its count is right again the moment the webhook is stored);
- *                     − calls to it that got no answer (a timeout, a killed listener), for a room resolved since:
+ *                     − calls to it that got no answer (a timeout, a killed listener, or a listener whose presence
+ *                       a PostgreSQL restart took while the call was out), for a room resolved since:
  *                       Qiscus may yet apply them, until the call's lease ends, so the slot is kept until the
  *                       first pull after that (invariant 9, the lease as the call's end; lateLandings);
  *   conditions      (room, agent) pairs: the room waits, the agent has a free slot, may serve it (above) and did
@@ -213,6 +214,8 @@ export class LivenessWatch {
   private readonly undecidedByRoom = new Map<string, number>();
   /** Calls that ended without an answer reaching the listener, newest last (see lateLandings). */
   private readonly unanswered: TapCall[] = [];
+  /** Calls in flight when PostgreSQL was stopped (see onEnd). */
+  private readonly reportMayBeLost = new Set<TapCall>();
   private decidedIndex = 0;
   /** Finished calls as the allocator's outage rule sees them, newest last. */
   private readonly finished: Array<{ room: string; session: number; transient: boolean }> = [];
@@ -322,8 +325,11 @@ export class LivenessWatch {
       const byAgent = this.openByAgent.get(c.agent);
       if (byAgent) byAgent.splice(byAgent.indexOf(c), 1);
       if (c.upstreamError) this.undecidedByRoom.set(c.room, (this.undecidedByRoom.get(c.room) ?? 1) - 1);
-      // No answer reached the listener (its timeout, or it died): Qiscus may still apply the call.
-      if ((c.clientGone && !c.upstreamError) || c.status === 408 || c.status === 504) this.unanswered.push(c);
+      // No answer reached the listener (its timeout, or it died): Qiscus may still apply the call. Nor, as the
+      // allocator sees it, to a listener whose presence a PostgreSQL restart took mid-call: its reservation is
+      // rescued as a dead listener's (unanswered), whatever the answer was.
+      const reportLost = this.reportMayBeLost.delete(c);
+      if ((c.clientGone && !c.upstreamError) || c.status === 408 || c.status === 504 || reportLost) this.unanswered.push(c);
       // Cut by a kill: the listener went away within half a second of a kill (else it was its own timeout).
       const cutByKill = Boolean(c.clientGone) && c.end! >= this.lastKill && c.end! - this.lastKill < 500;
       if (cutByKill) this.cutByKill.add(c);
@@ -383,6 +389,7 @@ export class LivenessWatch {
       for (const c of calls) {
         this.pgCalls.rooms.add(c.room);
         this.pgCalls.agents.add(c.agent);
+        this.reportMayBeLost.add(c);
       }
     }
   }

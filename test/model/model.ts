@@ -345,10 +345,11 @@ export class Model {
     // a reserved room keeps its slot and attempt until the call in flight reports back (settleResolvedInFlight),
     // unless its agent resolved it: then our assignment landed before, and the slot is free now
     const landed = last.state === 'reserved' && !last.uncertain && by !== null && by === last.agentId;
-    // a room waiting for the retry of an ambiguous call whose lease did not end: the call may still land after
-    // the resolution, so the slot becomes a by-hand count held until a pull after that lease (hand_slot_to_qiscus)
-    const lastTry = last.holdsSlot ? this.attempts.filter((x) => x.sessionId === last.id).at(-1) : undefined;
-    if (lastTry?.unanswered) {
+    // a room waiting for the retry of calls to its agent that got no answer (leases of an hour here): one may
+    // still land after the resolution, so the slot becomes a by-hand count held until a pull after that lease
+    // (hand_slot_to_qiscus); unless that agent resolved it and there was only one such call (it landed before)
+    const unanswered = this.attempts.filter((x) => x.sessionId === last.id && x.agentId === last.agentId && x.unanswered);
+    if (last.holdsSlot && unanswered.length > (by !== null && by === last.agentId ? 1 : 0)) {
       const agent = this.agents.get(last.agentId!)!;
       agent.load -= 1;
       agent.externalLoad += 1;

@@ -118,6 +118,36 @@ describe('a dead listener', () => {
     expect((await loads(db.pool))['1']).toBe(0);
   });
 
+  // Seen in the chaos run after a PostgreSQL restart: the listeners' presences went with their connections, their
+  // answered calls were rescued as unanswered, and the agents then resolved those rooms. An agent 30 s short of a
+  // slot each time, while rooms waited.
+  it('a room waiting to retry a cut call, resolved by that agent: it was in the room, so the call landed; free at once', async () => {
+    await addAgents(db.pool, [1]);
+    await queue(db.pool, 'a');
+    const dying = await listener();
+    await reserveAs(dying.id);
+    await dying.client.end();
+    expect(await rescueAbandoned()).toBe(1);
+    await db.pool.query(`select * from allocator.accept_close_request($1::jsonb)`, [
+      { ...resolvedRequest('a', 5), resolved_by: { id: 1, type: 'agent' } },
+    ]);
+    expect((await loads(db.pool))['1']).toBe(0);
+    // two such calls: the other may still land
+    await queue(db.pool, 'b');
+    const first = await listener();
+    await reserveAs(first.id);
+    await first.client.end();
+    await rescueAbandoned();
+    const second = await listener();
+    await reserveAs(second.id);
+    await second.client.end();
+    await rescueAbandoned();
+    await db.pool.query(`select * from allocator.accept_close_request($1::jsonb)`, [
+      { ...resolvedRequest('b', 6), resolved_by: { id: 1, type: 'agent' } },
+    ]);
+    expect((await loads(db.pool))['1']).toBe(1);
+  });
+
   it('a room waiting to retry after a 5xx, then resolved: the call is over, the slot is free at once', async () => {
     await addAgents(db.pool, [1]);
     await queue(db.pool, 'a');
