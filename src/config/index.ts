@@ -19,9 +19,10 @@ const optionalText = z
   .transform((v) => (v === undefined || v.trim() === '' ? undefined : v));
 
 /** Qiscus calls in flight per listener. Each refill of the pipeline reserves its free places in one statement, so
- * a deeper one also costs PostgreSQL less per room (bench/README.md: 8 → 16 took a cold drain from 0.77× to 0.99×
- * graphile-worker's rate). Exported for the benchmarks and the chaos watch, which must use the shipped value. */
-export const DEFAULT_LISTENER_CONCURRENCY = 16;
+ * a deeper one also costs PostgreSQL less per room (README, cold drain: 8 → 16 took it from 0.77× to 0.99×
+ * graphile-worker's rate, 16 → 32 from 0.99× to 1.11-1.16×, PostgreSQL CPU per room 0.35 → 0.26 ms). Exported for the
+ * benchmarks and the chaos watch, which must use the shipped value. */
+export const DEFAULT_LISTENER_CONCURRENCY = 32;
 
 const shape = {
   DATABASE_URL: pgUrl.optional(),

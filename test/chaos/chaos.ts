@@ -436,7 +436,7 @@ export async function runChaos(opts: ChaosOptions = {}): Promise<ChaosReport> {
     tap = await startQiscusTap(sim.url);
 
     // The product's defaults, written out: spawnProc passes our environment on. QISCUS_TIMEOUT_MS (10 s) and
-    // LISTENER_CONCURRENCY (16) stay unset.
+    // LISTENER_CONCURRENCY (32) stay unset.
     const env = {
       DATABASE_URL: srv.url,
       QISCUS_BASE_URL: tap.url,

@@ -52,7 +52,7 @@
  *         failed transiently, over two rooms or more), until a call is answered again: then every room waits only
  *         for the probe (invariant 10), and once Qiscus answers, the bound applies in full;
  *      c. Qiscus is so slow that the calls in flight fill every serving listener's pipeline (LISTENER_CONCURRENCY,
- *         8 by default, calls each): no listener may start another call until one of them ends.
+ *         32 by default, calls each): no listener may start another call until one of them ends.
  *   4. A roster pull could not place a room of ours yet (invariant 9): when a pull reads Qiscus's count of an agent
  *      while a room of ours on that agent is not confirmed yet (its call in flight, answered but not reported, or
  *      failed ambiguously and waiting for its retry), the count cannot tell that room from one assigned by hand, so

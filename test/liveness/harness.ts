@@ -16,7 +16,7 @@ import type { SimAgentInit, SimulatorOptions, Simulator } from '../../src/simula
 
 /**
  * The shipped defaults of the settings the liveness tests are about, written out (startStack() leaves them unset,
- * which is the same): AGENT_SYNC_SECONDS 30, SWEEP_SECONDS 5. QISCUS_TIMEOUT_MS (10 s), LISTENER_CONCURRENCY (16)
+ * which is the same): AGENT_SYNC_SECONDS 30, SWEEP_SECONDS 5. QISCUS_TIMEOUT_MS (10 s), LISTENER_CONCURRENCY (32)
  * and lease_seconds (30) are left at their defaults.
  */
 export const SHIPPED_ENV = { AGENT_SYNC_SECONDS: '30', SWEEP_SECONDS: '5' } as const;

@@ -35,7 +35,7 @@ it('kill -9 with slow calls in flight: every room assigned once within 5 s of th
   });
   await queueRooms(sim, ROOMS);
 
-  // The listener's calls (up to LISTENER_CONCURRENCY, 16) are under way: kill it once some have landed and some not.
+  // The listener's calls (up to LISTENER_CONCURRENCY, 32) are under way: kill it once some have landed and some not.
   await eventually(
     'calls in flight, some landed at Qiscus and some not yet',
     () => sim.inFlight().performed >= 2 && sim.inFlight().notPerformed >= 2,
