@@ -135,7 +135,6 @@ declare
   last      allocator.sessions;
   landed    boolean;
   in_flight boolean;
-  held_until timestamptz;
   late_freed boolean := false;
   v_outcome text;
 begin
@@ -184,23 +183,8 @@ begin
     -- the call reports back: settle_resolved_in_flight() then decides from Qiscus's answer.
     landed := last.state = 'reserved' and not last.uncertain and resolver is not null and resolver = last.agent_id;
     if last.holds_slot then
-      -- A room waiting for the retry of an ambiguous call. A call that was answered (a 5xx) did whatever it did
-      -- before this resolution, which took the agent out again: the slot is free. But a call to that agent that
-      -- got no answer (attempts.unanswered: cut by a listener's death, or given up by our client) may still be in
-      -- Qiscus's hands until its lease would have ended, and land after the resolution: the agent then holds the
-      -- room again. Until a roster pull after that, the slot is Qiscus's to show. Unless that agent resolved the
-      -- room: it was in it, so the call landed before (one such call; of two, the other may still land).
-      held_until := (select max(a.reserved_at) + allocator.lease()
-                     from allocator.attempts a
-                     where a.session_id = last.id and a.agent_id = last.agent_id and a.unanswered
-                       and a.reserved_at + allocator.lease() > now()
-                     having count(*) > case when resolver = last.agent_id then 1 else 0 end);
-    end if;
-    if held_until > now() then
-      perform allocator.hand_slot_to_qiscus(last.agent_id, held_until);
-      -- where the count came from, for a returning customer's session (follow_late_call)
-      update allocator.sessions set late_landing_at = now() where id = last.id;
-    elsif last.state = 'assigned' or last.holds_slot or landed then
+      perform allocator.let_go_held_slot(last, resolver);  -- waiting to retry a call that may still land
+    elsif last.state = 'assigned' or landed then
       perform allocator.free_slot(last.agent_id);
     end if;
     if landed then

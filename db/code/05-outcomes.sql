@@ -105,6 +105,33 @@ as $$
   where id = agent
 $$;
 
+-- Session `s` lets go of the slot it holds on its agent after an ambiguous call (resolved, cancelled, given up). A
+-- call that was answered (a 5xx) is over, and did whatever it did before now: the slot is free. But a call to that
+-- agent that got no answer (attempts.unanswered: cut by a listener's death, or given up by our client) may still
+-- be in Qiscus's hands until its lease would have ended, and land after now: the agent then holds the room again.
+-- Until a roster pull after that, the slot is a count Qiscus may show (hand_slot_to_qiscus), and the customer's
+-- next session may take it over (late_landing_at, follow_late_call). Unless that agent resolved the room
+-- (`resolver`): it was in it, so the call had landed (one such call; of two, the other may still land).
+create function allocator.let_go_held_slot(s allocator.sessions, resolver bigint default null)
+returns void
+language plpgsql
+as $$
+declare
+  held_until timestamptz := (
+    select max(a.reserved_at) + allocator.lease()
+    from allocator.attempts a
+    where a.session_id = s.id and a.agent_id = s.agent_id and a.unanswered and a.reserved_at + allocator.lease() > now()
+    having count(*) > case when resolver = s.agent_id then 1 else 0 end);
+begin
+  if held_until is null then
+    perform allocator.free_slot(s.agent_id);
+  else
+    perform allocator.hand_slot_to_qiscus(s.agent_id, held_until);
+    update allocator.sessions set late_landing_at = now() where id = s.id;
+  end if;
+end;
+$$;
+
 -- Waiting session `session` takes a slot of `agent` the caller has already counted for it (our_load) and holds it
 -- as a room that may already be the agent's: the next call goes to that agent first (reserve_held), as the retry
 -- of an ambiguous call does (requeue with hold).
@@ -207,7 +234,9 @@ begin
     give_up := format('refused by every agent; last error: %s', reason);
   end if;
 
-  if give_up is not null or not keep then
+  if give_up is not null then
+    perform allocator.let_go_held_slot(s);  -- this call, or an earlier one to the agent, may still land
+  elsif not keep then
     perform allocator.free_slot(s.agent_id);
   end if;
 

@@ -345,17 +345,8 @@ export class Model {
     // a reserved room keeps its slot and attempt until the call in flight reports back (settleResolvedInFlight),
     // unless its agent resolved it: then our assignment landed before, and the slot is free now
     const landed = last.state === 'reserved' && !last.uncertain && by !== null && by === last.agentId;
-    // a room waiting for the retry of calls to its agent that got no answer (leases of an hour here): one may
-    // still land after the resolution, so the slot becomes a by-hand count held until a pull after that lease
-    // (hand_slot_to_qiscus); unless that agent resolved it and there was only one such call (it landed before)
-    const unanswered = this.attempts.filter((x) => x.sessionId === last.id && x.agentId === last.agentId && x.unanswered);
-    if (last.holdsSlot && unanswered.length > (by !== null && by === last.agentId ? 1 : 0)) {
-      const agent = this.agents.get(last.agentId!)!;
-      agent.load -= 1;
-      agent.externalLoad += 1;
-      agent.holdsExternal = true;
-      last.lateLandingAt = this.now;
-    } else if (last.state === 'assigned' || last.holdsSlot || landed) this.releaseSlot(last.agentId);
+    if (last.holdsSlot) this.letGoHeldSlot(last, by);
+    else if (last.state === 'assigned' || landed) this.releaseSlot(last.agentId);
     if (landed) this.attempts[last.attemptId! - 1]!.outcome = 'resolved';
     if (last.state !== 'reserved' || landed) last.attemptId = null;
     last.state = 'resolved';
@@ -517,6 +508,21 @@ export class Model {
     return true;
   }
 
+  /**
+   * let_go_held_slot(): a session lets go of its agent's slot after an ambiguous call. A call to that agent that got
+   * no answer (leases of an hour here) may still land, so the slot becomes a by-hand count held until a pull after
+   * that lease (hand_slot_to_qiscus); unless that agent resolved the room and there was only one such call.
+   */
+  private letGoHeldSlot(s: Session, by: number | null = null): void {
+    const unanswered = this.attempts.filter((x) => x.sessionId === s.id && x.agentId === s.agentId && x.unanswered);
+    if (unanswered.length <= (by !== null && by === s.agentId ? 1 : 0)) return this.releaseSlot(s.agentId);
+    const agent = this.agents.get(s.agentId!)!;
+    agent.load -= 1;
+    agent.externalLoad += 1;
+    agent.holdsExternal = true;
+    s.lateLandingAt = this.now;
+  }
+
   /** hold_for(): the waiting session holds a slot of `agentId` already counted for it; its call goes there first. */
   private holdFor(s: Session, agentId: number): void {
     s.holdsSlot = true;
@@ -553,7 +559,8 @@ export class Model {
     const giveUp = tries >= this.maxAttempts || refusedByAll;
     s.gaveUp = tries >= this.maxAttempts ? 'attempts' : refusedByAll ? 'refused' : null;
     const keep = (hold || s.uncertain) && exclude === null; // once uncertain, held until confirmed or refused
-    if (giveUp || !keep) this.releaseSlot(s.agentId);
+    if (giveUp) this.letGoHeldSlot(s);
+    else if (!keep) this.releaseSlot(s.agentId);
     s.state = giveUp ? 'failed' : 'waiting';
     s.holdsSlot = !giveUp && keep;
     s.uncertain = !giveUp && keep;

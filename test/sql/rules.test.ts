@@ -17,9 +17,9 @@ afterAll(async () => {
 beforeEach(async () => {
   await db.pool.query(`truncate allocator.agents, allocator.sessions, allocator.attempts, allocator.webhooks,
                                 allocator.source_priority cascade`);
-  // the capacity and the maximum wait some tests change, back to their shipped defaults
+  // the capacity, the maximum wait and the attempts some tests change, back to their shipped defaults
   await db.pool.query(`update allocator.settings s set value = d.value from allocator.setting_defaults() d
-                       where s.key = d.key and d.key in ('default_max_load', 'max_wait_seconds')`);
+                       where s.key = d.key and d.key in ('default_max_load', 'max_wait_seconds', 'max_attempts')`);
 });
 afterEach(async () => {
   expect(await invariants(db.pool)).toEqual([]);
@@ -75,15 +75,36 @@ describe('rules', () => {
     expect((await queue(db.pool, 'old')).outcome).toBe('queued');
   });
 
-  it('cancelling a room that holds a slot after an ambiguous failure frees the slot', async () => {
-    await addAgents(db.pool, [1]);
+  it('cancelling a room that holds a slot after a 5xx frees the slot; after an unanswered call, not before a pull after its lease', async () => {
+    await addAgents(db.pool, [1, 2]);
     await queue(db.pool, 'a');
-    const r = (await reserve(db.pool))!;
-    await db.pool.query(`select allocator.fail_transient($1, 'timeout', null, true)`, [r.attempt_id]);
+    await queue(db.pool, 'b');
+    const ra = (await reserve(db.pool))!;
+    const rb = (await reserve(db.pool))!;
+    await db.pool.query(`select allocator.fail_transient($1, 'HTTP 502', null, true, false)`, [ra.attempt_id]);
+    await db.pool.query(`select allocator.fail_transient($1, 'timeout', null, true, true)`, [rb.attempt_id]);
     await setting(db.pool, 'max_wait_seconds', '0.1');
     await sleep(150);
-    expect((await db.pool.query(`select * from allocator.sweep()`)).rows[0].cancelled).toBe(1);
-    expect((await db.pool.query(`select our_load as load from allocator.agents`)).rows[0].load).toBe(0);
+    expect((await db.pool.query(`select * from allocator.sweep()`)).rows[0].cancelled).toBe(2);
+    const loads = async () =>
+      (await db.pool.query(`select id::int, total_load::int from allocator.agents order by id`)).rows.map((x) => x.total_load);
+    // the timed-out call may still land: its agent's slot stays, as a count Qiscus may show
+    expect(await loads()).toEqual(ra.agent_id === '1' ? [0, 1] : [1, 0]);
+    const roster = JSON.stringify([1, 2].map((id) => ({ id, is_available: true, current_customer_count: 0, type_as_string: 'agent' })));
+    await db.pool.query(`select allocator.sync_agents($1, now())`, [roster]);
+    expect(await loads()).toEqual(ra.agent_id === '1' ? [0, 1] : [1, 0]);
+    // a pull that starts after the call's lease (30 s from its reservation, a moment ago)
+    await db.pool.query(`select allocator.sync_agents($1, now() + allocator.lease())`, [roster]);
+    expect(await loads()).toEqual([0, 0]);
+  });
+
+  it('a room that gives up (max_attempts) after an unanswered call keeps its agent counted until a pull after that call\'s lease', async () => {
+    await addAgents(db.pool, [1]);
+    await setting(db.pool, 'max_attempts', 1);
+    await queue(db.pool, 'a');
+    const r = (await reserve(db.pool))!;
+    expect((await db.pool.query(`select allocator.fail_transient($1, 'timeout', null, true, true) as s`, [r.attempt_id])).rows[0].s).toBe('failed');
+    expect((await db.pool.query(`select our_load, external_load from allocator.agents`)).rows[0]).toEqual({ our_load: 0, external_load: 1 });
   });
 
   it('honours a replaced agent_preference() on the next reservation, on the same connection', async () => {
