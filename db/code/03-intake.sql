@@ -182,10 +182,8 @@ begin
     -- retry may land after the resolution.) Otherwise the room keeps the slot (and its attempt and lease) until
     -- the call reports back: settle_resolved_in_flight() then decides from Qiscus's answer.
     landed := last.state = 'reserved' and not last.uncertain and resolver is not null and resolver = last.agent_id;
-    if last.holds_slot then
-      perform allocator.let_go_held_slot(last, resolver);  -- waiting to retry a call that may still land
-    elsif last.state = 'assigned' or landed then
-      perform allocator.free_slot(last.agent_id);
+    if last.state = 'assigned' or last.holds_slot or landed then
+      perform allocator.let_go_slot(last, resolver);  -- free, unless a call of ours may still land
     end if;
     if landed then
       update allocator.attempts set finished_at = now(), outcome = 'resolved',

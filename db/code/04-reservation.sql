@@ -314,7 +314,7 @@ begin
       return query select * from allocator.reserve_for(s, s.agent_id, owner);
       return;
     end if;
-    perform allocator.free_slot(s.agent_id);
+    perform allocator.let_go_slot(s);  -- its call may still land
     update allocator.sessions q set holds_slot = false, uncertain = false, updated_at = now() where q.id = s.id;
   end loop;
 end;

@@ -24,7 +24,12 @@ begin
   where q.id = (select a.session_id from allocator.attempts a where a.id = attempt)
   for no key update;
   if s.attempt_id is distinct from attempt then
-    return null;  -- rescued or superseded: its outcome is stale
+    -- rescued or superseded: its outcome is stale. But an answer, however late, says the call is over: it can no
+    -- longer land (may_land_until)
+    if not unanswered then
+      update allocator.attempts set unanswered = false where id = attempt and attempts.unanswered;
+    end if;
+    return null;
   end if;
   if s.state = 'resolved' then
     perform allocator.settle_resolved_in_flight(s, maybe_landed, service, unanswered);
@@ -74,13 +79,14 @@ begin
       update allocator.sessions set late_landing_at = now() where id = s.id;  -- the history: where the slot came from
       newer := null;
     else
-      perform allocator.hand_slot_to_qiscus(s.agent_id, case when unanswered then s.lease_expires_at end);
+      perform allocator.hand_slot_to_qiscus(s.agent_id, greatest(case when unanswered then s.lease_expires_at end,
+                                                                  allocator.may_land_until(s)));
       -- the new service, if the answer named it: its own resolution frees the count (accept_close_request); and
       -- when, for a session the customer opens before the next pull (follow_late_call)
       update allocator.sessions set late_service_id = service, late_landing_at = now() where id = s.id;
     end if;
   else
-    perform allocator.free_slot(s.agent_id);
+    perform allocator.let_go_slot(s);  -- this call is over; an earlier one may not be
   end if;
   update allocator.sessions set next_attempt_at = now(), last_error = null, updated_at = now()
   where id = newer.id and next_attempt_at > now() and reserved_at is null;
@@ -105,23 +111,40 @@ as $$
   where id = agent
 $$;
 
--- Session `s` lets go of the slot it holds on its agent after an ambiguous call (resolved, cancelled, given up). A
--- call that was answered (a 5xx) is over, and did whatever it did before now: the slot is free. But a call to that
--- agent that got no answer (attempts.unanswered: cut by a listener's death, or given up by our client) may still
--- be in Qiscus's hands until its lease would have ended, and land after now: the agent then holds the room again.
--- Until a roster pull after that, the slot is a count Qiscus may show (hand_slot_to_qiscus), and the customer's
--- next session may take it over (late_landing_at, follow_late_call). Unless that agent resolved the room
--- (`resolver`): it was in it, so the call had landed (one such call; of two, the other may still land).
-create function allocator.let_go_held_slot(s allocator.sessions, resolver bigint default null)
+-- Until when a call of ours for room `s.room_id` to agent `s.agent_id` may still land: the latest lease end of
+-- those that got no answer (attempts.unanswered: cut by a listener's death, or given up by our client) and whose
+-- lease has not ended; null when none may. Qiscus may apply such a call seconds after its client has gone, but not
+-- after its lease (the longest a call may run, above the client's timeouts). The room's earlier sessions count
+-- too: a returning customer's session may hold the slot a late call left (follow_late_call). `resolver`: the agent
+-- that resolved the room; when it is this one and the room had only this one call to it, that call had landed.
+-- (A call that was answered, a 5xx too, is over: whatever it did, it did before its answer.)
+create function allocator.may_land_until(s allocator.sessions, resolver bigint default null)
+returns timestamptz
+language sql stable
+as $$
+  with calls as (
+    select a.reserved_at, a.unanswered
+    from allocator.sessions q
+    join allocator.attempts a on a.session_id = q.id
+    where q.room_id = s.room_id and a.agent_id = s.agent_id
+  )
+  select max(c.reserved_at) + allocator.lease()
+  from calls c
+  where c.unanswered and c.reserved_at + allocator.lease() > now()
+    and not (coalesce(resolver = s.agent_id, false) and (select count(*) from calls) = 1)
+$$;
+
+-- Session `s` lets go of the slot it holds on its agent (its room resolved, cancelled, given up, passed over): the
+-- slot is free, unless a call of ours for the room to that agent may still land (may_land_until) and put the agent
+-- back in a room nobody serves. Then, until a roster pull after that, the slot is a count Qiscus may show
+-- (hand_slot_to_qiscus), which a returning customer's session of a resolved room may take over (late_landing_at,
+-- follow_late_call).
+create function allocator.let_go_slot(s allocator.sessions, resolver bigint default null)
 returns void
 language plpgsql
 as $$
 declare
-  held_until timestamptz := (
-    select max(a.reserved_at) + allocator.lease()
-    from allocator.attempts a
-    where a.session_id = s.id and a.agent_id = s.agent_id and a.unanswered and a.reserved_at + allocator.lease() > now()
-    having count(*) > case when resolver = s.agent_id then 1 else 0 end);
+  held_until timestamptz := allocator.may_land_until(s, resolver);
 begin
   if held_until is null then
     perform allocator.free_slot(s.agent_id);
@@ -234,10 +257,8 @@ begin
     give_up := format('refused by every agent; last error: %s', reason);
   end if;
 
-  if give_up is not null then
-    perform allocator.let_go_held_slot(s);  -- this call, or an earlier one to the agent, may still land
-  elsif not keep then
-    perform allocator.free_slot(s.agent_id);
+  if give_up is not null or not keep then
+    perform allocator.let_go_slot(s);  -- this call, or an earlier one to the agent, may still land
   end if;
 
   update allocator.sessions

@@ -15,7 +15,7 @@ language sql volatile
 as $$ select owner is null or not pg_try_advisory_xact_lock_shared(1365, owner) $$;
 
 -- Puts back one reservation that will not be reported: `how` says why (abandoned, expired). A room resolved while
--- its call was in flight is settled as "the call may have landed" (counted until the next roster pull). A dead
+-- its call was in flight is settled as "the call may have landed" (counted until a roster pull shows it). A dead
 -- listener's call got no answer and may still land until its lease ends (unanswered); an expired lease is over.
 create function allocator.rescue(s allocator.sessions, how text, reason text)
 returns void

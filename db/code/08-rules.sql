@@ -62,7 +62,7 @@ begin
     for update skip locked
   loop
     if s.holds_slot then
-      perform allocator.let_go_held_slot(s);  -- its call may still land
+      perform allocator.let_go_slot(s);  -- its call may still land
     end if;
     update allocator.sessions
     set state = 'cancelled', cancelled_at = now(), holds_slot = false, updated_at = now(),

@@ -205,12 +205,13 @@ export function maybeAssigned(e: unknown): boolean {
 
 /**
  * Did no answer come at all (a timeout, a dropped connection), so that Qiscus may still be working on the call and
- * apply it later? A gateway's 408 or 504 says the same. Any other answer means the call is over, landed or not.
+ * apply it later? A proxy's 408, 504 or 524 (it gave up waiting for Qiscus) says the same. Any other answer means
+ * the call is over, landed or not.
  */
 export function unanswered(e: unknown): boolean {
   if (!maybeAssigned(e)) return false;
   if (!isQiscusError(e) || e.status === undefined) return true;
-  return e.status === 408 || e.status === 504;
+  return e.status === 408 || e.status === 504 || e.status === 524;
 }
 
 export function errText(e: unknown): string {

@@ -23,9 +23,9 @@
  *                     − rooms Qiscus took off it by a resolution whose webhook has not had its 2xx yet (the
  *                       allocator cannot know yet; its count is right again the moment the webhook is stored);
  *                     − calls to it that got no answer (a timeout, a killed listener, or a listener whose presence
- *                       a PostgreSQL restart took while the call was out), for a room resolved since:
- *                       Qiscus may yet apply them, until the call's lease ends, so the slot is kept until the
- *                       first pull after that (invariant 9, the lease as the call's end; lateLandings);
+ *                       a PostgreSQL restart took while the call was out) and that Qiscus does not show: Qiscus
+ *                       may yet apply them, until the call's lease ends, so a slot let go meanwhile is kept until
+ *                       the first pull after that (invariant 9, the lease as the call's end; lateLandings);
  *   conditions      (room, agent) pairs: the room waits, the agent has a free slot, may serve it (above) and did
  *                   not refuse the room.
  *
@@ -546,11 +546,12 @@ export class LivenessWatch {
   }
 
   /**
-   * The agents of calls that got no answer (timeout, listener killed) and were their session's last, for a session
-   * resolved since (the room resolved while the call was out, or while it waited to retry it), that Qiscus does not
-   * show on the agent: Qiscus may still apply such a call and put the agent back in the room, until the call's
-   * lease ends. The allocator keeps the slot (hand_slot_to_qiscus) until the first roster pull that starts after
-   * that: invariant 9's "first pull that started after the call ended", with the lease as the call's end.
+   * The agents of calls that got no answer (timeout, listener killed) that Qiscus does not show on their agent:
+   * Qiscus may still apply such a call, until its lease ends. Whenever the allocator lets go of the agent's slot for
+   * that room meanwhile (the room resolved, cancelled, given up, refused by that agent on a retry, or assigned and
+   * resolved after a retry), it keeps the count until the first roster pull that starts after that lease
+   * (let_go_slot, may_land_until): invariant 9's "first pull that started after the call ended", with the lease as
+   * the call's end. (A room still waiting to retry with that agent is counted as held already: not again.)
    */
   private lateLandings(): number[] {
     const leaseMs = this.o.settings.leaseSeconds * 1000;
@@ -560,11 +561,10 @@ export class LivenessWatch {
     const agents: number[] = [];
     for (const c of this.unanswered) {
       if (latestPull >= c.start + leaseMs + PULL_SLACK_MS) continue;
-      const r = this.o.room(c.room);
-      if (!r || (r.sessions === c.session && r.state === 'open')) continue; // its session is still open
       if (this.o.sim.agentOf(c.room) === c.agent) continue; // landed: Qiscus's count has it
-      const later = (this.callsByRoom.get(c.room) ?? []).some((x) => x.session === c.session && x.start > c.start);
-      if (!later) agents.push(c.agent);
+      const r = this.o.room(c.room);
+      if (r && r.state === 'open' && this.roomState(r).hold === c.agent) continue; // held for its retry already
+      agents.push(c.agent);
     }
     return agents;
   }

@@ -345,8 +345,7 @@ export class Model {
     // a reserved room keeps its slot and attempt until the call in flight reports back (settleResolvedInFlight),
     // unless its agent resolved it: then our assignment landed before, and the slot is free now
     const landed = last.state === 'reserved' && !last.uncertain && by !== null && by === last.agentId;
-    if (last.holdsSlot) this.letGoHeldSlot(last, by);
-    else if (last.state === 'assigned' || landed) this.releaseSlot(last.agentId);
+    if (last.state === 'assigned' || last.holdsSlot || landed) this.letGoSlot(last, by);
     if (landed) this.attempts[last.attemptId! - 1]!.outcome = 'resolved';
     if (last.state !== 'reserved' || landed) last.attemptId = null;
     last.state = 'resolved';
@@ -374,7 +373,7 @@ export class Model {
       const s = tied[0]!;
       if (this.online(this.agents.get(s.agentId!))) return this.reserveFor(s, s.agentId!);
       // its agent went offline or vanished: let the slot go, and the room queues like any other
-      this.releaseSlot(s.agentId);
+      this.letGoSlot(s);
       s.holdsSlot = false;
       s.uncertain = false;
     }
@@ -479,7 +478,12 @@ export class Model {
    */
   private settleResolvedInFlight(attemptId: number, maybeLanded: boolean, service: number | null = null, unanswered = false): boolean {
     const s = this.sessions.find((q) => q.state === 'resolved' && q.attemptId === attemptId);
-    if (!s) return false;
+    if (!s) {
+      // stale: but an answer, however late, says the call is over (current_reservation)
+      const a = this.attempts[attemptId - 1];
+      if (a && !unanswered) a.unanswered = false;
+      return false;
+    }
     const agent = this.agents.get(s.agentId!)!;
     // the room's newer session, queued while the call was out (the customer wrote again)
     let newer = this.sessions.find((q) => q.room === s.room && q.id > s.id && q.state === 'waiting' && !q.holdsSlot);
@@ -493,13 +497,13 @@ export class Model {
       } else {
         agent.load -= 1;
         agent.externalLoad += 1;
-        // no answer: the call may still land until its lease ends (an hour here)
-        if (unanswered) agent.holdsExternal = true;
+        // no answer: the call may still land until its lease ends (an hour here); or an earlier one may
+        if (unanswered || this.mayLand(s)) agent.holdsExternal = true;
         s.lateServiceId = service; // its own resolution frees the count (acceptCloseRequest)
         s.lateLandingAt = this.now;
       }
     } else {
-      this.releaseSlot(s.agentId);
+      this.letGoSlot(s); // this call is over; an earlier one may not be
     }
     // a newer session that waited for this answer is due now (never reserved: not one backing off)
     if (newer && newer.nextAt > this.now && !this.attempts.some((x) => x.sessionId === newer!.id)) newer.nextAt = this.now;
@@ -509,13 +513,20 @@ export class Model {
   }
 
   /**
-   * let_go_held_slot(): a session lets go of its agent's slot after an ambiguous call. A call to that agent that got
-   * no answer (leases of an hour here) may still land, so the slot becomes a by-hand count held until a pull after
-   * that lease (hand_slot_to_qiscus); unless that agent resolved the room and there was only one such call.
+   * may_land_until() is not null: a call of ours for the room to the session's agent got no answer (leases of an hour
+   * here), unless that agent resolved the room (`by`) and it was the room's only call to it.
    */
-  private letGoHeldSlot(s: Session, by: number | null = null): void {
-    const unanswered = this.attempts.filter((x) => x.sessionId === s.id && x.agentId === s.agentId && x.unanswered);
-    if (unanswered.length <= (by !== null && by === s.agentId ? 1 : 0)) return this.releaseSlot(s.agentId);
+  private mayLand(s: Session, by: number | null = null): boolean {
+    const calls = this.attempts.filter((x) => x.agentId === s.agentId && this.sessions[x.sessionId - 1]!.room === s.room);
+    return calls.some((x) => x.unanswered) && !(by !== null && by === s.agentId && calls.length === 1);
+  }
+
+  /**
+   * let_go_slot(): a session lets go of its agent's slot: free, unless a call of ours may still land (mayLand); then
+   * a by-hand count held until a pull after that lease (hand_slot_to_qiscus).
+   */
+  private letGoSlot(s: Session, by: number | null = null): void {
+    if (!this.mayLand(s, by)) return this.releaseSlot(s.agentId);
     const agent = this.agents.get(s.agentId!)!;
     agent.load -= 1;
     agent.externalLoad += 1;
@@ -559,8 +570,7 @@ export class Model {
     const giveUp = tries >= this.maxAttempts || refusedByAll;
     s.gaveUp = tries >= this.maxAttempts ? 'attempts' : refusedByAll ? 'refused' : null;
     const keep = (hold || s.uncertain) && exclude === null; // once uncertain, held until confirmed or refused
-    if (giveUp) this.letGoHeldSlot(s);
-    else if (!keep) this.releaseSlot(s.agentId);
+    if (giveUp || !keep) this.letGoSlot(s);
     s.state = giveUp ? 'failed' : 'waiting';
     s.holdsSlot = !giveUp && keep;
     s.uncertain = !giveUp && keep;
