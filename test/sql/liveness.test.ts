@@ -32,6 +32,18 @@ async function reserveAs(owner: number | null) {
 
 const rescueAbandoned = async () => (await db.pool.query(`select allocator.rescue_abandoned() as n`)).rows[0].n;
 
+/**
+ * A call cut by its listener's death: reserved under a listener that then dies (kill -9: its connection goes, and
+ * PostgreSQL drops its lock), rescued at once. Returns the reservation.
+ */
+async function cutCall() {
+  const dying = await listener();
+  const r = await reserveAs(dying.id);
+  await dying.client.end();
+  expect(await rescueAbandoned()).toBe(1);
+  return r;
+}
+
 describe('a dead listener', () => {
   it("is seen at once: its reservations go back, holding their agents' slots, while a live one's stay", async () => {
     await addAgents(db.pool, [1, 2]);
@@ -99,10 +111,7 @@ describe('a dead listener', () => {
   it('a room waiting to retry a cut call, then resolved: the slot stays until a pull after that call\'s lease', async () => {
     await addAgents(db.pool, [1]);
     await queue(db.pool, 'a');
-    const dying = await listener();
-    const r = await reserveAs(dying.id);
-    await dying.client.end();
-    expect(await rescueAbandoned()).toBe(1);
+    const r = await cutCall();
     expect(await sessionOf(db.pool, 'a')).toMatchObject({ state: 'waiting', holds_slot: true });
     // the cut call may land after the resolution: the agent would hold the room again
     await resolve(db.pool, 'a', 5);
@@ -124,10 +133,7 @@ describe('a dead listener', () => {
   it('a room waiting to retry a cut call, resolved by that agent: it was in the room, so the call landed; free at once', async () => {
     await addAgents(db.pool, [1]);
     await queue(db.pool, 'a');
-    const dying = await listener();
-    await reserveAs(dying.id);
-    await dying.client.end();
-    expect(await rescueAbandoned()).toBe(1);
+    await cutCall();
     await db.pool.query(`select * from allocator.accept_close_request($1::jsonb)`, [
       { ...resolvedRequest('a', 5), resolved_by: { id: 1, type: 'agent' } },
     ]);
@@ -153,10 +159,7 @@ describe('a dead listener', () => {
   it('a cut call, then its retry assigned and the room resolved: the cut call may still land, the count stays', async () => {
     await addAgents(db.pool, [1]);
     await queue(db.pool, 'a');
-    const dying = await listener();
-    await reserveAs(dying.id);
-    await dying.client.end();
-    await rescueAbandoned();
+    await cutCall();
     const retry = await reserveAs(null);
     expect(await confirm(db.pool, retry.attempt_id, 7)).toBe(true);
     await db.pool.query(`select * from allocator.accept_close_request($1::jsonb)`, [
@@ -171,10 +174,7 @@ describe('a dead listener', () => {
   it('a cut call, its retry out when the room is resolved, the retry answered with the resolved service: the count stays', async () => {
     await addAgents(db.pool, [1]);
     await queue(db.pool, 'a');
-    const dying = await listener();
-    await reserveAs(dying.id);
-    await dying.client.end();
-    await rescueAbandoned();
+    await cutCall();
     const retry = await reserveAs(null);
     await resolve(db.pool, 'a', 7);
     await confirm(db.pool, retry.attempt_id, 7); // landed, then resolved: this call is over, the first may not be
@@ -184,10 +184,7 @@ describe('a dead listener', () => {
   it('a cut call whose late answer arrives after all: the call is over, nothing held for it', async () => {
     await addAgents(db.pool, [1]);
     await queue(db.pool, 'a');
-    const dying = await listener();
-    const r = await reserveAs(dying.id);
-    await dying.client.end();
-    await rescueAbandoned();
+    const r = await cutCall();
     // the dead listener's answer reaches the database late (it was cut off from it, not dead): a 503
     await db.pool.query(`select allocator.fail_transient($1, 'HTTP 503', null, true, false)`, [r.attempt_id]);
     await resolve(db.pool, 'a', 7);
@@ -197,10 +194,7 @@ describe('a dead listener', () => {
   it('a cut call and a 5xx retry, resolved by that agent: either may have put it there, so the count stays', async () => {
     await addAgents(db.pool, [1]);
     await queue(db.pool, 'a');
-    const dying = await listener();
-    await reserveAs(dying.id);
-    await dying.client.end();
-    await rescueAbandoned();
+    await cutCall();
     const retry = await reserveAs(null);
     await db.pool.query(`select allocator.fail_transient($1, 'HTTP 500', null, true, false)`, [retry.attempt_id]);
     await db.pool.query(`select * from allocator.accept_close_request($1::jsonb)`, [
