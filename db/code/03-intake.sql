@@ -182,8 +182,13 @@ begin
     -- retry may land after the resolution.) Otherwise the room keeps the slot (and its attempt and lease) until
     -- the call reports back: settle_resolved_in_flight() then decides from Qiscus's answer.
     landed := last.state = 'reserved' and not last.uncertain and resolver is not null and resolver = last.agent_id;
-    if last.state = 'assigned' or last.holds_slot or landed then
-      perform allocator.let_go_slot(last, resolver);  -- free, unless a call of ours may still land
+    if last.holds_slot then
+      perform allocator.let_go_slot(last, resolver);  -- waiting to retry a call that may still land
+    elsif last.state = 'assigned' or landed then
+      -- Qiscus's answer says the agent is in the room: the call that put it there is over. (An earlier call to the
+      -- agent that got no answer may in theory land after this resolution; holding every such slot until that
+      -- call's lease would cost an agent a slot for 30 s after each listener kill, and is not done.)
+      perform allocator.free_slot(last.agent_id);
     end if;
     if landed then
       update allocator.attempts set finished_at = now(), outcome = 'resolved',

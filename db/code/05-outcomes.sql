@@ -86,7 +86,7 @@ begin
       update allocator.sessions set late_service_id = service, late_landing_at = now() where id = s.id;
     end if;
   else
-    perform allocator.let_go_slot(s);  -- this call is over; an earlier one may not be
+    perform allocator.free_slot(s.agent_id);
   end if;
   update allocator.sessions set next_attempt_at = now(), last_error = null, updated_at = now()
   where id = newer.id and next_attempt_at > now() and reserved_at is null;

@@ -345,7 +345,8 @@ export class Model {
     // a reserved room keeps its slot and attempt until the call in flight reports back (settleResolvedInFlight),
     // unless its agent resolved it: then our assignment landed before, and the slot is free now
     const landed = last.state === 'reserved' && !last.uncertain && by !== null && by === last.agentId;
-    if (last.state === 'assigned' || last.holdsSlot || landed) this.letGoSlot(last, by);
+    if (last.holdsSlot) this.letGoSlot(last, by);
+    else if (last.state === 'assigned' || landed) this.releaseSlot(last.agentId);
     if (landed) this.attempts[last.attemptId! - 1]!.outcome = 'resolved';
     if (last.state !== 'reserved' || landed) last.attemptId = null;
     last.state = 'resolved';
@@ -503,7 +504,7 @@ export class Model {
         s.lateLandingAt = this.now;
       }
     } else {
-      this.letGoSlot(s); // this call is over; an earlier one may not be
+      this.releaseSlot(s.agentId);
     }
     // a newer session that waited for this answer is due now (never reserved: not one backing off)
     if (newer && newer.nextAt > this.now && !this.attempts.some((x) => x.sessionId === newer!.id)) newer.nextAt = this.now;

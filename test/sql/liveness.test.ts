@@ -156,31 +156,6 @@ describe('a dead listener', () => {
 
   // Found by review: each path that lets a slot go looks at every call of ours for the room to that agent, not only
   // the last one.
-  it('a cut call, then its retry assigned and the room resolved: the cut call may still land, the count stays', async () => {
-    await addAgents(db.pool, [1]);
-    await queue(db.pool, 'a');
-    await cutCall();
-    const retry = await reserveAs(null);
-    expect(await confirm(db.pool, retry.attempt_id, 7)).toBe(true);
-    await db.pool.query(`select * from allocator.accept_close_request($1::jsonb)`, [
-      { ...resolvedRequest('a', 7), resolved_by: { id: 1, type: 'agent' } },
-    ]);
-    expect(await db.pool.query(`select our_load, external_load from allocator.agents where id = 1`).then((x) => x.rows[0])).toEqual({
-      our_load: 0,
-      external_load: 1,
-    });
-  });
-
-  it('a cut call, its retry out when the room is resolved, the retry answered with the resolved service: the count stays', async () => {
-    await addAgents(db.pool, [1]);
-    await queue(db.pool, 'a');
-    await cutCall();
-    const retry = await reserveAs(null);
-    await resolve(db.pool, 'a', 7);
-    await confirm(db.pool, retry.attempt_id, 7); // landed, then resolved: this call is over, the first may not be
-    expect((await loads(db.pool))['1']).toBe(1);
-  });
-
   it('a cut call whose late answer arrives after all: the call is over, nothing held for it', async () => {
     await addAgents(db.pool, [1]);
     await queue(db.pool, 'a');
