@@ -107,7 +107,13 @@ language sql
 as $$
   update allocator.agents
   set our_load = our_load - 1, external_load = external_load + 1,
-      external_hold_until = greatest(external_hold_until, now(), until)
+      -- `until` later than now: this count is held until a pull after it (the others already held, unless their
+      -- hold has passed, with it)
+      external_held = case when until > now()
+                           then case when external_hold_until >= now() then external_held else 0 end + 1
+                           else external_held end,
+      external_hold_until = greatest(external_hold_until, now(), until),
+      external_handed_at = now()
   where id = agent
 $$;
 

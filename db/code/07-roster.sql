@@ -9,8 +9,10 @@
 --   that service's resolution arrives, which frees it (accept_close_request), or until a pull that subtracted no
 --   room of ours shows it gone. A pull that did subtract rooms of ours may have subtracted one that Qiscus no
 --   longer has, whose resolution is late; during an outage of the web app it is late for many pulls, not one.
--- - A room whose assign call may have landed (settle_resolved_in_flight) is counted until a pull that started
---   after the call ended: until then the count may only rise.
+-- - A room whose assign call may have landed (hand_slot_to_qiscus) is counted until a pull that started after the
+--   call ended: a pull begun before it was handed lowers nothing, and until the end of a call that may still land
+--   (its lease: external_hold_until) the count does not fall below the rooms so held (external_held). The agent's
+--   other by-hand rooms fall as the rules below say.
 -- - The count rises at once. It falls at once too when the pull subtracted no room of ours (counted = 0): then it
 --   cannot undercount. Otherwise it falls only as far as the previous pull's lowest possible count
 --   (external_seen) agrees: a room of ours that Qiscus resolved a moment before the pull, whose webhook we have not
@@ -29,7 +31,9 @@ as $$
                                             (select count(*)::integer from allocator.sessions s
                                              where s.late_service_id is not null and s.agent_id = a.id))
                               else 0 end,
-                         case when a.external_hold_until >= started_at then a.external_load else 0 end)
+                         case when started_at <= a.external_handed_at then a.external_load
+                              when a.external_hold_until >= started_at then least(a.external_held, a.external_load)
+                              else 0 end)
          end
 $$;
 
@@ -165,12 +169,13 @@ as $$
   from allocator.roster_pulls p
 $$;
 
--- A pull that starts now cannot lower the agent's by-hand count: it is held until a pull after a call that may
--- still land (external_hold_until, see external_after_pull). The listeners pull for it once that moment passes.
+-- A pull that starts now cannot lower the agent's by-hand count: all of it is held until a pull after a call that
+-- may still land (external_held, external_hold_until: see external_after_pull). The listeners pull for it once that
+-- moment passes.
 create function allocator.pull_cannot_lower(a allocator.agents)
 returns boolean
 language sql stable
-as $$ select coalesce(a.external_hold_until >= now(), false) $$;
+as $$ select coalesce(a.external_hold_until >= now() and a.external_load <= a.external_held, false) $$;
 
 -- Would a roster pull now let a waiting room start? True when an agent is full only because of a by-hand count
 -- held for want of evidence (external_load above external_seen, the lowest it can truly be: the last pull ran

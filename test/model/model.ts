@@ -32,8 +32,9 @@ export interface Agent {
   load: number; // our rooms: reserved + assigned + waiting rooms holding a slot
   externalLoad: number; // rooms assigned by hand (from the last syncs: up at once, down when two agree)
   externalSeen: number; // the lowest by-hand count the last sync could be sure of
-  /** external_hold_until is past every pull of a run: a call that may still land (its lease, an hour here) */
-  holdsExternal?: boolean;
+  /** external_held: counts handed to Qiscus for calls that may still land, held past every pull of a run (their
+   * leases are an hour here) */
+  heldCount?: number;
   pulledOurs: number; // our rooms the last sync subtracted
   qiscusLoad: number | null;
   lastAssignedAt: number | null; // logical time of the last slot taken
@@ -499,7 +500,7 @@ export class Model {
         agent.load -= 1;
         agent.externalLoad += 1;
         // no answer: the call may still land until its lease ends (an hour here); or an earlier one may
-        if (unanswered || this.mayLand(s)) agent.holdsExternal = true;
+        if (unanswered || this.mayLand(s)) agent.heldCount = (agent.heldCount ?? 0) + 1;
         s.lateServiceId = service; // its own resolution frees the count (acceptCloseRequest)
         s.lateLandingAt = this.now;
       }
@@ -531,7 +532,7 @@ export class Model {
     const agent = this.agents.get(s.agentId!)!;
     agent.load -= 1;
     agent.externalLoad += 1;
-    agent.holdsExternal = true;
+    agent.heldCount = (agent.heldCount ?? 0) + 1;
     s.lateLandingAt = this.now;
   }
 
@@ -633,7 +634,8 @@ export class Model {
       const late = this.sessions.filter((q) => q.agentId === e.id && q.lateServiceId !== null).length;
       const external =
         ext >= a.externalLoad ? ext : Math.max(ext, this.ours(e.id) > 0 ? Math.max(Math.min(a.externalLoad, a.externalSeen), late) : 0);
-      const held = a.holdsExternal ? Math.max(external, a.externalLoad) : external; // never below, while held
+      // never below the held counts (every pull here starts after the last hand, so only those)
+      const held = Math.max(external, Math.min(a.heldCount ?? 0, a.externalLoad));
       const same =
         a.type === e.type && a.isAvailable === e.isAvailable && a.forceOffline === e.forceOffline && a.present &&
         a.qiscusLoad === e.count && a.externalLoad === held && a.externalSeen === seen &&

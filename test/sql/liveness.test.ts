@@ -91,6 +91,22 @@ describe('a dead listener', () => {
     expect((await loads(db.pool))['1']).toBe(0);
   });
 
+  it('a count held for a call that may still land holds only itself: the agent\'s other by-hand rooms fall as usual', async () => {
+    await addAgents(db.pool, [1]);
+    await queue(db.pool, 'a');
+    const dying = await listener();
+    await reserveAs(dying.id);
+    await db.pool.query(`select * from allocator.accept_close_request($1::jsonb)`, [resolvedRequest('a', 5)]);
+    await dying.client.end();
+    expect(await rescueAbandoned()).toBe(1);
+    await pull(2); // a room assigned by hand in the dashboard, besides (or with) the late call
+    expect((await loads(db.pool))['1']).toBe(2);
+    await pull(1); // the supervisor resolved it: that one goes at once, the held count stays
+    expect((await loads(db.pool))['1']).toBe(1);
+    await pull(0);
+    expect((await loads(db.pool))['1']).toBe(1);
+  });
+
   it('a call our client gave up on (no answer) for a room resolved meanwhile: the same; a 5xx is over at its answer', async () => {
     await addAgents(db.pool, [1, 2]);
     await queue(db.pool, 'a');
