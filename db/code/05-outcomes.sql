@@ -65,6 +65,11 @@ as $$
 declare
   newer allocator.sessions;
 begin
+  -- first, so that may_land_until sees this call among the room's
+  update allocator.attempts
+  set finished_at = now(), outcome = 'resolved', error = 'resolved while the call was in flight',
+      unanswered = settle_resolved_in_flight.unanswered
+  where id = s.attempt_id;
   select q.* into newer from allocator.sessions q
   where q.room_id = s.room_id and q.id > s.id and q.state = 'waiting' and not q.holds_slot
   order by q.id desc
@@ -79,8 +84,7 @@ begin
       update allocator.sessions set late_landing_at = now() where id = s.id;  -- the history: where the slot came from
       newer := null;
     else
-      perform allocator.hand_slot_to_qiscus(s.agent_id, greatest(case when unanswered then s.lease_expires_at end,
-                                                                  allocator.may_land_until(s)));
+      perform allocator.hand_slot_to_qiscus(s.agent_id, allocator.may_land_until(s));
       -- the new service, if the answer named it: its own resolution frees the count (accept_close_request); and
       -- when, for a session the customer opens before the next pull (follow_late_call)
       update allocator.sessions set late_service_id = service, late_landing_at = now() where id = s.id;
@@ -90,8 +94,6 @@ begin
   end if;
   update allocator.sessions set next_attempt_at = now(), last_error = null, updated_at = now()
   where id = newer.id and next_attempt_at > now() and reserved_at is null;
-  update allocator.attempts set finished_at = now(), outcome = 'resolved', error = 'resolved while the call was in flight'
-  where id = s.attempt_id;
   update allocator.sessions set attempt_id = null, lease_expires_at = null, owner = null, updated_at = now()
   where id = s.id;
 end;
@@ -297,9 +299,9 @@ returns text
 language plpgsql
 as $$
 declare
-  s    allocator.sessions := allocator.current_reservation(attempt, maybe_assigned, null,
-                                                            maybe_assigned and unanswered);
-  down boolean;
+  no_answer boolean            := maybe_assigned and unanswered;
+  s         allocator.sessions := allocator.current_reservation(attempt, maybe_assigned, null, no_answer);
+  down      boolean;
 begin
   if s.id is null then
     return null;
@@ -307,11 +309,11 @@ begin
   down := allocator.qiscus_failed(attempt, retry_after_seconds);
   if down then
     return allocator.requeue(s, attempt, 'transient', reason, now(), count_attempt => false, hold => maybe_assigned,
-                             unanswered => maybe_assigned and unanswered);
+                             unanswered => no_answer);
   end if;
   return allocator.requeue(s, attempt, 'transient', reason,
     now() + greatest(allocator.backoff(s.attempts), make_interval(secs => coalesce(retry_after_seconds, 0))),
-    hold => maybe_assigned, unanswered => maybe_assigned and unanswered);
+    hold => maybe_assigned, unanswered => no_answer);
 end;
 $$;
 

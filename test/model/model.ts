@@ -34,7 +34,7 @@ export interface Agent {
   externalSeen: number; // the lowest by-hand count the last sync could be sure of
   /** external_held: counts handed to Qiscus for calls that may still land, held past every pull of a run (their
    * leases are an hour here) */
-  heldCount?: number;
+  heldCount: number;
   pulledOurs: number; // our rooms the last sync subtracted
   qiscusLoad: number | null;
   lastAssignedAt: number | null; // logical time of the last slot taken
@@ -486,6 +486,8 @@ export class Model {
       if (a && !unanswered) a.unanswered = false;
       return false;
     }
+    // first, so that mayLand sees this call among the room's
+    Object.assign(this.attempts[attemptId - 1]!, { outcome: 'resolved', unanswered });
     const agent = this.agents.get(s.agentId!)!;
     // the room's newer session, queued while the call was out (the customer wrote again)
     let newer = this.sessions.find((q) => q.room === s.room && q.id > s.id && q.state === 'waiting' && !q.holdsSlot);
@@ -499,8 +501,8 @@ export class Model {
       } else {
         agent.load -= 1;
         agent.externalLoad += 1;
-        // no answer: the call may still land until its lease ends (an hour here); or an earlier one may
-        if (unanswered || this.mayLand(s)) agent.heldCount = (agent.heldCount ?? 0) + 1;
+        // no answer: this call, or an earlier one, may still land until its lease ends (an hour here)
+        if (this.mayLand(s)) agent.heldCount += 1;
         s.lateServiceId = service; // its own resolution frees the count (acceptCloseRequest)
         s.lateLandingAt = this.now;
       }
@@ -509,7 +511,6 @@ export class Model {
     }
     // a newer session that waited for this answer is due now (never reserved: not one backing off)
     if (newer && newer.nextAt > this.now && !this.attempts.some((x) => x.sessionId === newer!.id)) newer.nextAt = this.now;
-    this.attempts[attemptId - 1]!.outcome = 'resolved';
     s.attemptId = null;
     return true;
   }
@@ -532,7 +533,7 @@ export class Model {
     const agent = this.agents.get(s.agentId!)!;
     agent.load -= 1;
     agent.externalLoad += 1;
-    agent.heldCount = (agent.heldCount ?? 0) + 1;
+    agent.heldCount += 1;
     s.lateLandingAt = this.now;
   }
 
@@ -624,6 +625,7 @@ export class Model {
           paused: false, maxLoad: null, load: 0, externalLoad: ext, externalSeen: seen, pulledOurs: this.ours(e.id),
           qiscusLoad: e.count,
           lastAssignedAt: null,
+          heldCount: 0,
           divisions: [],
         });
         changed += 1;
@@ -635,7 +637,7 @@ export class Model {
       const external =
         ext >= a.externalLoad ? ext : Math.max(ext, this.ours(e.id) > 0 ? Math.max(Math.min(a.externalLoad, a.externalSeen), late) : 0);
       // never below the held counts (every pull here starts after the last hand, so only those)
-      const held = Math.max(external, Math.min(a.heldCount ?? 0, a.externalLoad));
+      const held = Math.max(external, Math.min(a.heldCount, a.externalLoad));
       const same =
         a.type === e.type && a.isAvailable === e.isAvailable && a.forceOffline === e.forceOffline && a.present &&
         a.qiscusLoad === e.count && a.externalLoad === held && a.externalSeen === seen &&

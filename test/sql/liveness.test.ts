@@ -5,7 +5,7 @@
  */
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { createTestDatabase, type TestDatabase } from '../support/db.ts';
-import { resolvedRequest } from '../support/fixtures.ts';
+import { resolvedRequest, returningRequest } from '../support/fixtures.ts';
 import { addAgents, confirm, invariants, listenerPresence, loads, queue, resolve, sessionOf } from '../support/sql.ts';
 
 let db: TestDatabase;
@@ -31,6 +31,12 @@ async function reserveAs(owner: number | null) {
 }
 
 const rescueAbandoned = async () => (await db.pool.query(`select allocator.rescue_abandoned() as n`)).rows[0].n;
+
+/** The Mark-as-Resolved webhook of `room`'s service `service`, resolved by agent `by`. */
+const closeBy = (room: string, service: number, by: number) =>
+  db.pool.query(`select * from allocator.accept_close_request($1::jsonb)`, [
+    { ...resolvedRequest(room, service), resolved_by: { id: by, type: 'agent' } },
+  ]);
 
 /**
  * A call cut by its listener's death: reserved under a listener that then dies (kill -9: its connection goes, and
@@ -150,23 +156,13 @@ describe('a dead listener', () => {
     await addAgents(db.pool, [1]);
     await queue(db.pool, 'a');
     await cutCall();
-    await db.pool.query(`select * from allocator.accept_close_request($1::jsonb)`, [
-      { ...resolvedRequest('a', 5), resolved_by: { id: 1, type: 'agent' } },
-    ]);
+    await closeBy('a', 5, 1);
     expect((await loads(db.pool))['1']).toBe(0);
     // two such calls: the other may still land
     await queue(db.pool, 'b');
-    const first = await listener();
-    await reserveAs(first.id);
-    await first.client.end();
-    await rescueAbandoned();
-    const second = await listener();
-    await reserveAs(second.id);
-    await second.client.end();
-    await rescueAbandoned();
-    await db.pool.query(`select * from allocator.accept_close_request($1::jsonb)`, [
-      { ...resolvedRequest('b', 6), resolved_by: { id: 1, type: 'agent' } },
-    ]);
+    await cutCall();
+    await cutCall(); // its retry, to the same agent, cut too
+    await closeBy('b', 6, 1);
     expect((await loads(db.pool))['1']).toBe(1);
   });
 
@@ -188,9 +184,21 @@ describe('a dead listener', () => {
     await cutCall();
     const retry = await reserveAs(null);
     await db.pool.query(`select allocator.fail_transient($1, 'HTTP 500', null, true, false)`, [retry.attempt_id]);
-    await db.pool.query(`select * from allocator.accept_close_request($1::jsonb)`, [
-      { ...resolvedRequest('a', 7), resolved_by: { id: 1, type: 'agent' } },
-    ]);
+    await closeBy('a', 7, 1);
+    expect((await loads(db.pool))['1']).toBe(1);
+  });
+
+  it('a returning customer who took over a cut call\'s slot, then resolved: that call may still land, the count stays', async () => {
+    await addAgents(db.pool, [1]);
+    await queue(db.pool, 'a');
+    const dying = await listener();
+    await reserveAs(dying.id);
+    await resolve(db.pool, 'a', 5);
+    await queue(db.pool, 'a', returningRequest('a', 5)); // the customer writes again while the call is out: it waits
+    await dying.client.end();
+    expect(await rescueAbandoned()).toBe(1);
+    expect(await sessionOf(db.pool, 'a')).toMatchObject({ state: 'waiting', holds_slot: true, agent_id: '1' });
+    await closeBy('a', 6, 999); // resolved by an admin before the retry
     expect((await loads(db.pool))['1']).toBe(1);
   });
 
@@ -217,10 +225,6 @@ async function pull(count: number, startedAt?: Date) {
 }
 
 describe('a resolution while the assign call is in flight', () => {
-  const closeBy = (room: string, service: number, by: number) =>
-    db.pool.query(`select * from allocator.accept_close_request($1::jsonb)`, [
-      { ...resolvedRequest(room, service), resolved_by: { id: by, type: 'agent' } },
-    ]);
 
   it('frees the slot at once when the reserved agent resolved it (the assignment landed first)', async () => {
     await addAgents(db.pool, [7], { max_load: 1 });
