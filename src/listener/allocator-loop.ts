@@ -211,8 +211,11 @@ export function maybeAssigned(e: unknown): boolean {
 export function unanswered(e: unknown): boolean {
   if (!maybeAssigned(e)) return false;
   if (!isQiscusError(e) || e.status === undefined) return true;
-  return e.status === 408 || e.status === 504 || e.status === 524;
+  return NO_ANSWER_STATUSES.includes(e.status);
 }
+
+/** HTTP statuses by which a proxy says it gave up waiting for Qiscus (see unanswered). */
+export const NO_ANSWER_STATUSES: readonly number[] = [408, 504, 524];
 
 export function errText(e: unknown): string {
   if (e instanceof Error) return e.message || e.name;

@@ -85,6 +85,7 @@
  */
 import pg from 'pg';
 import { DEFAULT_LISTENER_CONCURRENCY } from '../../src/config/index.ts';
+import { NO_ANSWER_STATUSES } from '../../src/listener/allocator-loop.ts';
 import type { Simulator } from '../../src/simulator/qiscus-simulator.ts';
 import type { QiscusTap, TapCall } from './qiscus-tap.ts';
 import { intersects, routeFor, type RouteRow } from './routing.ts';
@@ -329,7 +330,8 @@ export class LivenessWatch {
       // allocator sees it, to a listener whose presence a PostgreSQL restart took mid-call: its reservation is
       // rescued as a dead listener's (unanswered), whatever the answer was.
       const reportLost = this.reportMayBeLost.delete(c);
-      if ((c.clientGone && !c.upstreamError) || c.status === 408 || c.status === 504 || reportLost) this.unanswered.push(c);
+      const noAnswer = (c.clientGone && !c.upstreamError) || NO_ANSWER_STATUSES.includes(c.status ?? 0);
+      if (noAnswer || reportLost) this.unanswered.push(c);
       // Cut by a kill: the listener went away within half a second of a kill (else it was its own timeout).
       const cutByKill = Boolean(c.clientGone) && c.end! >= this.lastKill && c.end! - this.lastKill < 500;
       if (cutByKill) this.cutByKill.add(c);
@@ -548,19 +550,21 @@ export class LivenessWatch {
   /**
    * The agents of calls that got no answer (timeout, listener killed) that Qiscus does not show on their agent:
    * Qiscus may still apply such a call, until its lease ends. Whenever the allocator lets go of the agent's slot for
-   * that room meanwhile (the room resolved, cancelled, given up, refused by that agent on a retry, or assigned and
-   * resolved after a retry), it keeps the count until the first roster pull that starts after that lease
-   * (let_go_slot, may_land_until): invariant 9's "first pull that started after the call ended", with the lease as
-   * the call's end. (A room still waiting to retry with that agent is counted as held already: not again.)
+   * that room meanwhile (the room resolved, cancelled, given up, refused by that agent on a retry), it keeps the count
+   * until the first roster pull that starts after that lease (let_go_slot, may_land_until): invariant 9's "first
+   * pull that started after the call ended", with the lease as the call's end. (A room still waiting to retry with
+   * that agent is counted as held already: not again. A room assigned by its retry and then resolved is counted
+   * too, though the allocator frees that slot at once: the watch is the more lenient there, never the stricter.)
    */
   private lateLandings(): number[] {
     const leaseMs = this.o.settings.leaseSeconds * 1000;
     const pulls = this.o.tap.pulls;
     const latestPull = pulls.length ? pulls[pulls.length - 1]! : -Infinity;
-    while (this.unanswered.length && latestPull >= this.unanswered[0]!.start + leaseMs + PULL_SLACK_MS) this.unanswered.shift();
+    const settled = (c: TapCall) => latestPull >= c.start + leaseMs + PULL_SLACK_MS; // a pull after its lease
+    while (this.unanswered.length && settled(this.unanswered[0]!)) this.unanswered.shift();
     const agents: number[] = [];
     for (const c of this.unanswered) {
-      if (latestPull >= c.start + leaseMs + PULL_SLACK_MS) continue;
+      if (settled(c)) continue; // (ended in another order than they started)
       if (this.o.sim.agentOf(c.room) === c.agent) continue; // landed: Qiscus's count has it
       const r = this.o.room(c.room);
       if (r && r.state === 'open' && this.roomState(r).hold === c.agent) continue; // held for its retry already
