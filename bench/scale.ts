@@ -173,8 +173,7 @@ export async function runScale(ctx: BenchContext): Promise<PartResult> {
   let have = 0;
   for (const waiting of sizes) {
     ctx.log(`waiting rooms: ${waiting}`);
-    // Bulk load without the per-row wake-up trigger (nobody is listening), then what autovacuum would do.
-    await c.query('alter table allocator.sessions disable trigger notify_room_waiting');
+    // Bulk load (new sessions wake the listeners once per statement: sessions_queued), then what autovacuum would do.
     await timed(
       `waiting rows to ${waiting}`,
       `insert into allocator.sessions (room_id, source, queued_at, next_attempt_at)
@@ -182,7 +181,6 @@ export async function runScale(ctx: BenchContext): Promise<PartResult> {
        from generate_series($1::int + 1, $2::int) g`,
       [have, waiting],
     );
-    await c.query('alter table allocator.sessions enable trigger notify_room_waiting');
     have = waiting;
     await timed(`vacuum analyze at ${waiting}`, 'vacuum analyze allocator.sessions');
 

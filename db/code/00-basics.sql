@@ -125,7 +125,7 @@ $$;
 --         agent's load going down, a priority removed, a DBA's edit) moves the head back to it (lower_head), in
 --         the same transaction, before anyone can see the entry.
 -- A head too low costs a longer walk, once; a head too high would hide a room or an agent, so every way an entry
--- can appear behind it goes through the second rule (place_new_session, queue_head_behind, agent_head_behind).
+-- can appear behind it goes through the second rule (sessions_queued, queue_head_behind, agent_head_behind).
 -- Locks: key (1367, 0) for the queue (the intake lock: every new session takes it), (1367, 2) for the agents,
 -- (1367, 3) for a move back.
 --------------------------------------------------------------------------------------------------------------------

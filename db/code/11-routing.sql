@@ -27,24 +27,18 @@ as $$
   limit 1
 $$;
 
--- A new session takes its place: its source's priority, its route, and the queue head moved back if it is
--- queued behind it. One trigger, as it runs for every new session (three cost two more PL/pgSQL calls per webhook).
--- The intake lock (key 1367, 0), held shared until the session commits, pairs with two exclusive holders:
--- reroute_waiting (without it, a session inserted by a webhook whose transaction was still open when a change of
--- routes committed kept the old route: it read the routes before the change, and the change's reroute could not
--- see it yet) and advance_queue_head (04-reservation.sql: it must see every fresh room queued before its move).
+-- A new session takes its place: its source's priority and its route, in one statement (it runs for every new
+-- session; each PL/pgSQL statement more costs a few microseconds a webhook). The queue head is moved back after the
+-- statement, once for all its rows (sessions_queued, 03-intake.sql).
 create function allocator.place_new_session()
 returns trigger
 language plpgsql
 as $$
 begin
-  new.priority := allocator.priority_of(new.source);
-  perform pg_advisory_xact_lock_shared(1367, 0);
-  select r.division_ids, r.overflow_at into new.division_ids, new.overflow_at
-  from allocator.route_for(new.source, new.channel_id, new.queued_at) r;
-  if new.state = 'waiting' and new.reserved_at is null and new.priority = 0 then
-    perform allocator.queue_fresh_room(new.queued_at);
-  end if;
+  select allocator.priority_of(new.source), r.division_ids, r.overflow_at
+  into new.priority, new.division_ids, new.overflow_at
+  from (select) as one
+  left join lateral allocator.route_for(new.source, new.channel_id, new.queued_at) r on true;
   return new;
 end;
 $$;
@@ -53,11 +47,30 @@ create trigger place_new_session
   before insert on allocator.sessions
   for each row execute function allocator.place_new_session();
 
+-- The intake lock (key 1367, 0): every statement that inserts sessions holds it shared until it commits, taken
+-- before its rows read the routes. It pairs with two exclusive holders: reroute_waiting (without it, a session
+-- inserted by a webhook whose transaction was still open when a change of routes committed kept the old route: it
+-- read the routes before the change, and the change's reroute could not see it yet) and advance_queue_head
+-- (04-reservation.sql: it must see every fresh room queued before its move).
+create function allocator.take_intake_lock()
+returns trigger
+language plpgsql
+as $$
+begin
+  perform pg_advisory_xact_lock_shared(1367, 0);
+  return null;
+end;
+$$;
+
+create trigger take_intake_lock
+  before insert on allocator.sessions
+  for each statement execute function allocator.take_intake_lock();
+
 -- A change of routes applies to every open room not yet assigned (an overflow time already passed too): those
 -- waiting, and those reserved, which wait again if their call fails. It wakes the listeners: a room may now go to
 -- agents that could not take it before. It runs when the change commits (a deferred trigger), once per
 -- transaction, after the webhooks being written right then have committed (the exclusive lock waits for their
--- shared ones, see place_new_session), so that it sees their rooms and they see the new routes: held only while
+-- shared ones, see take_intake_lock), so that it sees their rooms and they see the new routes: held only while
 -- the change commits, so a DBA's transaction left open does not hold up webhooks.
 create function allocator.reroute_waiting()
 returns trigger

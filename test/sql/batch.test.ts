@@ -6,7 +6,7 @@
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import type pg from 'pg';
 import { createTestDatabase, type TestDatabase } from '../support/db.ts';
-import { newRequest, resolvedRequest } from '../support/fixtures.ts';
+import { newRequest, resolvedRequest, returningRequest } from '../support/fixtures.ts';
 import { addAgents, assignAll, invariants, setting, loads, queue, resolve, sessionOf } from '../support/sql.ts';
 
 let db: TestDatabase;
@@ -344,6 +344,74 @@ describe('report(outcomes)', () => {
     ).rejects.toThrow(/unknown outcome/);
     expect((await sessionOf(db.pool, 'a')).state).toBe('reserved');
     await db.pool.query(`select allocator.confirm($1)`, [r.attempt_id]);
+  });
+});
+
+describe('accept_new_requests(requests)', () => {
+  it('does what the webhooks do one after another: repeats in the batch, every kind of room', async () => {
+    // The same rooms twice, on a fresh slate each time: once the webhooks in one set-based call (a room's repeats in
+    // later rounds; any error would fail it whole), once one call each.
+    const setUp = async () => {
+      await db.pool.query(`truncate allocator.agents, allocator.sessions, allocator.attempts, allocator.webhooks cascade`);
+      await addAgents(db.pool, [1, 2]);
+      await queue(db.pool, 'assigned');
+      const a = (await db.pool.query(`select * from allocator.reserve()`)).rows[0];
+      await db.pool.query(`select allocator.confirm($1, 400)`, [a.attempt_id]);
+      await queue(db.pool, 'resolved');
+      const r = (await db.pool.query(`select * from allocator.reserve()`)).rows[0];
+      await db.pool.query(`select allocator.confirm($1, 500)`, [r.attempt_id]);
+      await resolve(db.pool, 'resolved', 500);
+      await queue(db.pool, 'in-flight');
+      await db.pool.query(`select * from allocator.reserve()`); // its call is still out when the room is resolved
+      await resolve(db.pool, 'in-flight', 600);
+      await queue(db.pool, 'waiting');
+    };
+    const items = [
+      newRequest('assigned'),
+      returningRequest('in-flight', 600), // a returning customer while the last call may still land: waits for it
+      newRequest('in-flight'),
+      newRequest('new'),
+      newRequest('new'),
+      newRequest('new'),
+      newRequest('resolved'), // a late copy of the webhook that opened the resolved session
+      returningRequest('resolved', 500),
+      newRequest('waiting'),
+    ].map((payload, i) => ({ payload, request_id: `r${i}` }));
+    const outcome = async () => {
+      const s = await db.pool.query(
+        `select room_id, state, prior_service_id, holds_slot, next_attempt_at > now() as backing_off, last_error
+         from allocator.sessions order by room_id, id`,
+      );
+      const w = await db.pool.query(`select room_id, request_id, outcome from allocator.webhooks order by room_id, id`);
+      return { sessions: s.rows, webhooks: w.rows };
+    };
+
+    await setUp();
+    const together = (
+      await db.pool.query(`select * from allocator.accept_new_requests($1::jsonb) order by ord`, [JSON.stringify(items)])
+    ).rows;
+    const afterBatch = await outcome();
+    await setUp();
+    const alone = [];
+    for (const item of items) {
+      alone.push((await db.pool.query(`select * from allocator.accept_new_request($1, $2)`, [item.payload, item.request_id])).rows[0]);
+    }
+    const afterAlone = await outcome();
+
+    expect(together.map((r) => r.outcome)).toEqual([
+      'already_assigned', 'queued', 'already_queued', 'queued', 'already_queued', 'already_queued', 'duplicate', 'queued',
+      'already_queued',
+    ]);
+    expect(alone.map((r) => r.outcome)).toEqual(together.map((r) => r.outcome));
+    expect(together.every((r) => r.session_id !== null && r.webhook_id !== null)).toBe(true);
+    // a room's repeats name the session its first webhook opened
+    expect(together[2].session_id).toBe(together[1].session_id);
+    expect(together[5].session_id).toBe(together[3].session_id);
+    expect(afterBatch).toEqual(afterAlone);
+    expect(afterBatch.sessions.find((x) => x.room_id === 'in-flight' && x.state === 'waiting')).toMatchObject({
+      backing_off: true,
+      last_error: 'waiting for the answer of the assign call made for the previous session',
+    });
   });
 });
 

@@ -11,7 +11,7 @@ import { migrate } from 'graphile-migrate';
 import pg from 'pg';
 import { afterAll, describe, expect, inject, it } from 'vitest';
 import { migrationsApplied, migrationsFolder } from '../../src/db/migrate.ts';
-import { quietOnTermination } from '../support/db.ts';
+import { quietPoolOnTermination } from '../support/db.ts';
 
 const run = promisify(execFile);
 const releasedFolder = path.resolve(import.meta.dirname, '../fixtures/released-migrations');
@@ -87,7 +87,7 @@ describe('migrations', () => {
     expect(first.stdout).toContain('migrations: up to date');
     await npmMigrate(url);
     const pool = new pg.Pool({ connectionString: url });
-    pool.on('connect', quietOnTermination);
+    quietPoolOnTermination(pool);
     expect(await migrationsApplied(pool)).toBe(true);
     const s = await pool.query(`select value from allocator.settings where key = 'default_max_load'`);
     expect(s.rows[0].value).toBe('2');
@@ -114,7 +114,7 @@ describe('migrations', () => {
       await rm(old, { recursive: true, force: true });
       await npmMigrate(url);
       const pool = new pg.Pool({ connectionString: url });
-      pool.on('connect', quietOnTermination);
+      quietPoolOnTermination(pool);
       expect(await migrationsApplied(pool)).toBe(true);
       // the same functions, views and triggers as a new database: one current definition each, none left from
       // the old release

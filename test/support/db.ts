@@ -21,9 +21,17 @@ export interface TestDatabase {
  * WITH (FORCE). Swallow that one; any other error still surfaces.
  */
 export function quietOnTermination(c: pg.ClientBase): void {
-  c.on('error', (e: Error & { code?: string }) => {
-    if (e.code !== '57P01') throw e;
-  });
+  c.on('error', rethrowUnlessTerminated);
+}
+
+/** The same for a pool: its clients, and the pool itself (pg-pool re-emits an idle client's error on the pool). */
+export function quietPoolOnTermination(pool: pg.Pool): void {
+  pool.on('connect', quietOnTermination);
+  pool.on('error', rethrowUnlessTerminated);
+}
+
+function rethrowUnlessTerminated(e: Error & { code?: string }): void {
+  if (e.code !== '57P01') throw e;
 }
 
 function urlWithDb(base: string, db: string): string {
@@ -44,7 +52,7 @@ export async function createTestDatabase(): Promise<TestDatabase> {
   }
   const url = urlWithDb(adminUrl, name);
   const pool = new pg.Pool({ connectionString: url, max: 20 });
-  pool.on('connect', quietOnTermination);
+  quietPoolOnTermination(pool);
   const clients: pg.Client[] = [];
   return {
     url,
