@@ -1,14 +1,14 @@
 /**
  * 2. Allocation: BENCH_ALLOC_ROOMS (20,000) rooms waiting at once and enough agents that capacity is never the
  * limit; rooms assigned per second end to end (reserve in SQL, assign call to the simulator, confirm in SQL) by 1
- * and by 3 listener processes (LISTENER_CONCURRENCY = BENCH_LISTENER_CONCURRENCY, default 16, the production
+ * and by 3 listener processes (LISTENER_CONCURRENCY = BENCH_LISTENER_CONCURRENCY, default 32, the production
  * default). Baseline from the same run: allocator.reserve() + allocator.confirm() in a tight SQL loop by as many
  * connections as the listeners keep calls in flight (8 and 24), with no HTTP and no listener.
  * Also the listeners' peak RSS (VmHWM) under this load, against their RSS when idle after start.
  *
  * The clock is PostgreSQL's: from the commit that makes the rooms visible to the last assigned_at.
  * Knobs: BENCH_ALLOC_ROOMS (20000), BENCH_ALLOC_AGENTS (0.6 × rooms, at the default max load of 2),
- * BENCH_LISTENER_CONCURRENCY (16, the shipped default).
+ * BENCH_LISTENER_CONCURRENCY (32, the shipped default).
  */
 import pg from 'pg';
 import { DEFAULT_LISTENER_CONCURRENCY } from '../src/config/index.ts';

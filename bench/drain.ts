@@ -10,7 +10,7 @@
  * See bench/lib/drain.ts for the clocks.
  *
  * Knobs: BENCH_DRAIN_ROUNDS (2), BENCH_DRAIN_ROOMS (20000), BENCH_DRAIN_AGENTS (rooms / 2),
- * BENCH_LISTENER_CONCURRENCY (the shipped LISTENER_CONCURRENCY, 16), BENCH_GW_CONCURRENCY (10), BENCH_DRAIN_TIMEOUT_SECONDS (240),
+ * BENCH_LISTENER_CONCURRENCY (the shipped LISTENER_CONCURRENCY, 32), BENCH_GW_CONCURRENCY (10), BENCH_DRAIN_TIMEOUT_SECONDS (240),
  * BENCH_DRAIN_DIVISIONS (200: the routed run, l1r), BENCH_DRAIN_PEERS (l1f,gw,l1,l2,gwb,l1r: a subset, for profiling), BENCH_PGSS=1 and BENCH_CPU_PROF=1 (profiles).
  */
 import { describe, drainChecks, drainOptions, drainRun, type DrainRun } from './lib/drain.ts';

@@ -8,7 +8,14 @@
  * notification reserve() → assign call on a keep-alive socket → confirm(). What the real stack adds above this
  * is the cost of its processes (web, listener, got, pg-listen, pools).
  *
- * Knobs: BENCH_LATENCY_ROOMS (300), BENCH_LATENCY_PAUSE_MS (5).
+ * Pinned horizon (issue 12): the real stack twice more, each after BENCH_LATENCY_SERVED (20,000) rooms were queued,
+ * counted on the 20 agents and resolved before the measured ones (the history), once with another session holding
+ * a REPEATABLE READ snapshot open from before that history to the end (`begin isolation level repeatable read;
+ * select count(*) from allocator.sessions;`, as a forgotten psql session would): none of the row versions or index
+ * entries the history left can be cleaned while it lives, and whatever walks past them pays for each (an agent's
+ * row keeps two versions per room it served). Ratios: with the snapshot against without it.
+ *
+ * Knobs: BENCH_LATENCY_ROOMS (300), BENCH_LATENCY_PAUSE_MS (5), BENCH_LATENCY_SERVED (20000).
  */
 import http from 'node:http';
 import pg from 'pg';
@@ -62,12 +69,60 @@ function finish(acc: Samples, sent: Samples, hook: Samples, rooms: number): Late
   };
 }
 
-/** The real stack: web + 1 listener processes. */
-async function stackRun(ctx: BenchContext, rooms: number, pauseMs: number): Promise<LatencyRun & { memory: unknown }> {
-  const db = await ctx.server.createDatabase('latency_stack');
+interface History {
+  /** Rooms queued and resolved before the measured ones. */
+  served: number;
+  /** Another session holds a REPEATABLE READ snapshot from before that history to the end of the run. */
+  snapshot: boolean;
+}
+
+/**
+ * The queue's history: `served` rooms queued (through accept_new_requests, as the web writes them) and resolved
+ * (the state change the served rooms' last versions have), in batches of 1,000; and what serving them did to the
+ * agents: each room's agent counted once more, then once less (two row versions of an agent per room).
+ */
+async function serveHistory(c: pg.Client, served: number): Promise<void> {
+  for (let from = 0; from < served; from += 1000) {
+    const n = Math.min(1000, served - from);
+    await c.query(`
+      do $$ begin
+        for i in 1 .. ${Math.ceil(n / AGENTS)} loop
+          update allocator.agents set our_load = our_load + 1 where id between 1 and ${AGENTS};
+          update allocator.agents set our_load = our_load - 1 where id between 1 and ${AGENTS};
+        end loop;
+      end $$`);
+    const requests = Array.from({ length: n }, (_, i) => ({
+      payload: JSON.parse(newRequestBody(String(6_000_000_000 + from + i))) as unknown,
+      request_id: `history-${from + i}`,
+    }));
+    await c.query(`select count(*) from allocator.accept_new_requests($1::jsonb)`, [JSON.stringify(requests)]);
+    await c.query(
+      `update allocator.sessions set state = 'resolved', resolved_at = now(), updated_at = now()
+       where state = 'waiting' and room_id::bigint between $1 and $2`,
+      [6_000_000_000 + from, 6_000_000_000 + from + n - 1],
+    );
+  }
+}
+
+/** The real stack: web + 1 listener processes; with a history, the rooms served before and maybe a held snapshot. */
+async function stackRun(
+  ctx: BenchContext,
+  rooms: number,
+  pauseMs: number,
+  history: History = { served: 0, snapshot: false },
+): Promise<LatencyRun & { memory: unknown; history: History }> {
+  const db = await ctx.server.createDatabase(history.snapshot ? 'latency_pinned' : history.served ? 'latency_history' : 'latency_stack');
   const c = new pg.Client({ connectionString: db.url });
   await c.connect();
   await c.query(INSERT_AGENTS_SQL, [1, AGENTS]);
+  let snap: pg.Client | null = null;
+  if (history.snapshot) {
+    snap = new pg.Client({ connectionString: db.url, application_name: 'allocator-bench-snapshot' });
+    await snap.connect();
+    await snap.query('begin isolation level repeatable read');
+    await snap.query('select count(*) from allocator.sessions');
+  }
+  await serveHistory(c, history.served);
   const sim = await startSim(AGENTS);
   const watch = watchAssignments(sim);
   const env = { databaseUrl: db.url, sim, nodeArgs: profileArgs() };
@@ -101,10 +156,14 @@ async function stackRun(ctx: BenchContext, rooms: number, pauseMs: number): Prom
   agent.destroy();
   const memory = { web: web.memory(), listener: listener!.memory() };
   await Promise.all([web.stop(), listener!.stop()]);
+  if (snap) {
+    await snap.query('commit');
+    await snap.end();
+  }
   await sim.close();
   await c.end();
   await db.drop();
-  return { ...finish(acc, sent, hook, rooms), memory };
+  return { ...finish(acc, sent, hook, rooms), memory, history };
 }
 
 /** The floor: the same pipeline, as tight as it gets, in this process. */
@@ -202,19 +261,33 @@ export async function runLatency(ctx: BenchContext): Promise<PartResult> {
   ctx.log(`stack: ${rooms} rooms one at a time, web + 1 listener`);
   const stack = await stackRun(ctx, rooms, pauseMs);
   ctx.log(`stack: accepted→assign p50 ${stack.acceptedToAssignMs.p50} ms, p99 ${stack.acceptedToAssignMs.p99} ms`);
+  const served = envInt('BENCH_LATENCY_SERVED', 20_000);
+  ctx.log(`stack after ${served} rooms served, without and with a snapshot held from before them`);
+  const unpinned = await stackRun(ctx, rooms, pauseMs, { served, snapshot: false });
+  const pinned = await stackRun(ctx, rooms, pauseMs, { served, snapshot: true });
+  ctx.log(
+    `accepted→assign p50/p99: ${unpinned.acceptedToAssignMs.p50}/${unpinned.acceptedToAssignMs.p99} ms without, ` +
+      `${pinned.acceptedToAssignMs.p50}/${pinned.acceptedToAssignMs.p99} ms with the snapshot`,
+  );
   const a = stack.acceptedToAssignMs;
   const f = floor.acceptedToAssignMs;
+  const pa = pinned.acceptedToAssignMs;
+  const ua = unpinned.acceptedToAssignMs;
+  const held = `snapshot held over ${served.toLocaleString('en-US')} rooms served`;
   return {
     name: 'latency',
     machine: ctx.machine,
     startedAt: timer.startedAt,
     seconds: timer.seconds(),
-    params: { rooms, pauseMs, agents: AGENTS, warmupRooms: 20 },
+    params: { rooms, pauseMs, agents: AGENTS, warmupRooms: 20, served },
     rows: [
       { part: 'latency', what: 'accepted → assign call p50', value: a.p50, unit: 'ms', baseline: 'in-process floor p50', baselineValue: f.p50, ratio: ratio(a.p50, f.p50) },
       { part: 'latency', what: 'accepted → assign call p95', value: a.p95, unit: 'ms', baseline: 'in-process floor p95', baselineValue: f.p95, ratio: ratio(a.p95, f.p95) },
       { part: 'latency', what: 'accepted → assign call p99', value: a.p99, unit: 'ms', baseline: 'in-process floor p99', baselineValue: f.p99, ratio: ratio(a.p99, f.p99) },
       { part: 'latency', what: 'webhook sent → assign call p99', value: stack.sentToAssignMs.p99, unit: 'ms', baseline: 'in-process floor p99', baselineValue: floor.sentToAssignMs.p99, ratio: ratio(stack.sentToAssignMs.p99, floor.sentToAssignMs.p99) },
+      { part: 'latency', what: `accepted → assign call p50, ${held}`, value: pa.p50, unit: 'ms', baseline: 'same without the snapshot', baselineValue: ua.p50, ratio: ratio(pa.p50, ua.p50) },
+      { part: 'latency', what: `accepted → assign call p99, ${held}`, value: pa.p99, unit: 'ms', baseline: 'same without the snapshot', baselineValue: ua.p99, ratio: ratio(pa.p99, ua.p99) },
+      { part: 'latency', what: `webhook 200 p50, ${held}`, value: pinned.webhookMs.p50, unit: 'ms', baseline: 'same without the snapshot', baselineValue: unpinned.webhookMs.p50, ratio: ratio(pinned.webhookMs.p50, unpinned.webhookMs.p50) },
     ],
     goals: [
       {
@@ -224,8 +297,16 @@ export async function runLatency(ctx: BenchContext): Promise<PartResult> {
         bound: '< 25 ms',
         met: Number.isFinite(a.p99) ? a.p99 < 25 : null,
       },
+      {
+        // the drain's bound under a held snapshot (≥ 0.8 × the rate without) turned into time: ≤ 1 / 0.8
+        part: 'latency',
+        goal: 'snapshot held: accepted → assign call p50 ≤ 1.25 × without',
+        measured: ratio(pa.p50, ua.p50),
+        bound: '≤ 1.25',
+        met: Number.isFinite(pa.p50) && Number.isFinite(ua.p50) ? pa.p50 <= 1.25 * ua.p50 : null,
+      },
     ],
-    details: { stack, floor },
+    details: { stack, floor, unpinned, pinned },
   };
 }
 

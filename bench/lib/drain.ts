@@ -5,7 +5,7 @@
  *
  * Peers, each on a fresh clone of the migrated template:
  *   - listener(s): `src/listener/main.ts` as `npm run listener` runs it (LOG_LEVEL=warn, LISTENER_CONCURRENCY =
- *     BENCH_LISTENER_CONCURRENCY, default the shipped 16); the rooms are rows of allocator.sessions, the agents rows of
+ *     BENCH_LISTENER_CONCURRENCY, default the shipped 32); the rooms are rows of allocator.sessions, the agents rows of
  *     allocator.agents (the listener's roster pull at start finds them all unchanged).
  *   - graphile-worker (bench/lib/gw-worker.ts): the same 20,000 assign calls as jobs (room i → agent ⌈i/2⌉, the
  *     pairs need no choosing), queued with graphile_worker.add_jobs; its task POSTs assign_agent with fetch.

@@ -12,9 +12,11 @@
 --   05-outcomes        confirm, fail_transient, fail_for_agent,       11-routing      routes and divisions
 --                      release_reservation, report                12-retention    deleting old history
 --
--- Plans: the entry points of the hot path (reserve, report, accept_requests and the two it calls) run with
--- `set enable_seqscan = off` and, for reserve and report, `plan_cache_mode = force_generic_plan`; the functions
--- they call inherit both. A listener keeps its connections for days and PL/pgSQL caches each statement's plan per
+-- Plans: the entry points of the hot path (reserve, report, accept_requests and the ones it calls) and of the
+-- listeners' periodic work (sweep, rescue_abandoned) run with `set enable_seqscan = off` and, for reserve and
+-- report, `plan_cache_mode = force_generic_plan`; the functions they call inherit both. (rescue_abandoned, every
+-- second on every listener, read all of sessions, 600 pages at 20,000 rooms, on a connection that had planned it
+-- while the table was new.) A listener keeps its connections for days and PL/pgSQL caches each statement's plan per
 -- connection: planned while a table was tiny (a new install, a burst the statistics have not seen), a lookup by
 -- primary key became a sequential scan and stayed one as the table grew (a cold drain: report() read 900 pages per
 -- call). Every statement of these paths has an index that serves it, so neither setting can make a plan worse; and
@@ -126,8 +128,8 @@ $$;
 --         the same transaction, before anyone can see the entry.
 -- A head too low costs a longer walk, once; a head too high would hide a room or an agent, so every way an entry
 -- can appear behind it goes through the second rule (sessions_queued, queue_head_behind, agent_head_behind).
--- Locks: key (1367, 0) for the queue (the intake lock: every new session takes it), (1367, 2) for the agents,
--- (1367, 3) for a move back.
+-- Locks: key (1367, 0) for the queue (the intake lock: every statement that inserts sessions takes it), (1367, 2)
+-- for the agents, (1367, 3) for a move back.
 --------------------------------------------------------------------------------------------------------------------
 
 -- The head's position (0 until it first moves). (PL/pgSQL: it keeps its plan; a SQL function would be planned

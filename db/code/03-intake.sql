@@ -66,13 +66,14 @@ $$;
 --   already_queued    the room is already waiting
 --   already_assigned  the room is reserved or assigned
 --   duplicate         a late copy of a webhook that opened one of the room's sessions, since resolved
--- Set-based: one INSERT of sessions and one of webhooks for the batch. A statement on allocator.sessions sets up
--- its indexes, check constraints, generated column and triggers before its first row; one statement per webhook
--- paid that setup for each, and it was most of a webhook's cost (PostgreSQL CPU per webhook: 103 us in batches of
--- 16, against 66 us set-based). A room's webhooks apply in their order, as if one after another: its first in the
--- first round, its second (a repeat in the same batch) in the second, and so on; a batch rarely needs more than one
--- round. Rooms are locked first, in the batch's order (the caller sorts it by room: see accept_requests). An error
--- in any webhook fails the call (accept_requests then applies them one at a time).
+-- Set-based: per round, one SELECT that tells what each webhook is, one INSERT of the new sessions (when there are
+-- any) and one of the webhooks. A statement on allocator.sessions sets up its indexes, check constraints, generated
+-- column and triggers before its first row; one statement per webhook paid that setup for each, and it was most of
+-- a webhook's cost (PostgreSQL CPU per webhook: 103 us in batches of 16, against 60 us set-based). A room's webhooks
+-- apply in their order, as if one after another: its first in the first round, its second (a repeat in the same
+-- batch) in the second, and so on; a batch rarely needs more than one round. Rooms are locked first, in the batch's
+-- order (the caller sorts it by room: see accept_requests). An error in any webhook fails the call
+-- (accept_requests then applies them one at a time).
 create function allocator.accept_new_requests(requests jsonb)
 returns table (ord integer, outcome text, session_id bigint, webhook_id bigint)
 language plpgsql
@@ -94,6 +95,8 @@ declare
   r_outcomes   text[];
   r_sessions   bigint[];
   r_hooks      bigint[];
+  r_last       bigint[];           -- the room's last session before this webhook
+  r_call_out   boolean[];          -- ... resolved while a call of ours was out for it
   follow       bigint[];           -- new sessions whose room's previous session was resolved with a call out,
   follow_prior bigint[];           -- the latest service their webhook named,
   follow_prev  bigint[];           -- and that previous session
@@ -113,54 +116,72 @@ begin
   perform allocator.lock_room(u.room) from unnest(rooms) with ordinality as u(room, n) order by u.n;
 
   while round <= rounds loop
-    with batch as (
-      select u.n::integer as ord, u.room, u.prior, u.payload, u.request_id
-      from unnest(rooms, priors, payloads, request_ids, nths) with ordinality as u(room, prior, payload, request_id, nth, n)
-      where u.nth = round
-    ),
-    classified as (
-      select b.*, last.id as last_id,
-             last.state = 'resolved' and (last.attempt_id is not null or last.late_landing_at is not null) as last_call_out,
-             case when last.state = 'waiting' then 'already_queued'
-                  when last.state in ('reserved', 'assigned') then 'already_assigned'
-                  when dup.id is not null then 'duplicate'
-                  else 'queued' end as outcome,
-             case when last.state in ('waiting', 'reserved', 'assigned') then last.id else dup.id end as known
-      from batch b
-      left join lateral (select s.id, s.state, s.attempt_id, s.late_landing_at
-                         from allocator.sessions s where s.room_id = b.room
-                         order by s.id desc limit 1) last on true
-      -- Same latest_service as the webhook that opened a session since resolved: a redelivery, not a new customer
-      -- message (a returning customer's webhook names the service that was just resolved, which no earlier session
-      -- was opened after).
-      left join lateral (select r.id from allocator.sessions r
-                         where last.state not in ('waiting', 'reserved', 'assigned')
-                           and r.room_id = b.room and r.state = 'resolved' and r.prior_service_id is not distinct from b.prior
-                         order by r.id desc limit 1) dup on true
-    ),
-    fresh as (
-      insert into allocator.sessions (room_id, source, channel_id, prior_service_id)
-      select c.room, nullif(c.payload ->> 'source', ''), allocator.json_bigint(c.payload -> 'channel' -> 'id'), c.prior
-      from classified c
-      where c.outcome = 'queued'
-      order by c.ord
-      returning id, room_id
-    ),
-    hooks as (
-      insert into allocator.webhooks (kind, room_id, request_id, outcome, session_id, payload)
-      select 'new_request', c.room, c.request_id, c.outcome, coalesce(c.known, f.id), c.payload
-      from classified c left join fresh f on f.room_id = c.room  -- a room once per round
-      order by c.ord
-      returning webhooks.id, webhooks.room_id, webhooks.session_id
-    )
-    select array_agg(c.ord), array_agg(c.outcome), array_agg(h.session_id), array_agg(h.id),
-           array_agg(h.session_id) filter (where c.outcome = 'queued' and c.last_call_out),
-           array_agg(c.prior) filter (where c.outcome = 'queued' and c.last_call_out),
-           array_agg(c.last_id) filter (where c.outcome = 'queued' and c.last_call_out)
-    into r_ords, r_outcomes, r_sessions, r_hooks, follow, follow_prior, follow_prev
-    from classified c join hooks h on h.room_id = c.room;
+    -- What each of the round's webhooks is (rooms are unique within a round)
+    select array_agg(c.ord order by c.ord), array_agg(c.outcome order by c.ord), array_agg(c.known order by c.ord),
+           array_agg(c.last_id order by c.ord), array_agg(c.last_call_out order by c.ord)
+    into r_ords, r_outcomes, r_sessions, r_last, r_call_out
+    from (select b.ord, last.id as last_id,
+                 last.state = 'resolved' and (last.attempt_id is not null or last.late_landing_at is not null) as last_call_out,
+                 case when last.state = 'waiting' then 'already_queued'
+                      when last.state in ('reserved', 'assigned') then 'already_assigned'
+                      when dup.id is not null then 'duplicate'
+                      else 'queued' end as outcome,
+                 case when last.state in ('waiting', 'reserved', 'assigned') then last.id else dup.id end as known
+          from (select u.n::integer as ord, u.room, u.prior
+                from unnest(rooms, priors, nths) with ordinality as u(room, prior, nth, n)
+                where u.nth = round) b
+          left join lateral (select s.id, s.state, s.attempt_id, s.late_landing_at
+                             from allocator.sessions s where s.room_id = b.room
+                             order by s.id desc limit 1) last on true
+          -- Same latest_service as the webhook that opened a session since resolved: a redelivery, not a new
+          -- customer message (a returning customer's webhook names the service that was just resolved, which no
+          -- earlier session was opened after).
+          left join lateral (select r.id from allocator.sessions r
+                             where last.state not in ('waiting', 'reserved', 'assigned')
+                               and r.room_id = b.room and r.state = 'resolved'
+                               and r.prior_service_id is not distinct from b.prior
+                             order by r.id desc limit 1) dup on true) c;
 
+    -- New sessions, when the round has any: a statement on sessions takes the intake lock until commit (see
+    -- take_intake_lock), which repeats have no need to hold.
+    if 'queued' = any (r_outcomes) then
+      with fresh as (
+        insert into allocator.sessions (room_id, source, channel_id, prior_service_id)
+        select rooms[u.o], nullif(payloads[u.o] ->> 'source', ''), allocator.json_bigint(payloads[u.o] -> 'channel' -> 'id'),
+               priors[u.o]
+        from unnest(r_ords, r_outcomes) as u(o, outcome)
+        where u.outcome = 'queued'
+        order by u.o
+        returning id, room_id
+      )
+      select array_agg(coalesce(u.known, f.id) order by u.o) into r_sessions
+      from unnest(r_ords, r_sessions) as u(o, known)
+      left join fresh f on f.room_id = rooms[u.o];
+    end if;
+
+    with hooks as (
+      insert into allocator.webhooks (kind, room_id, request_id, outcome, session_id, payload)
+      select 'new_request', rooms[u.o], request_ids[u.o], u.outcome, u.session, payloads[u.o]
+      from unnest(r_ords, r_outcomes, r_sessions) as u(o, outcome, session)
+      order by u.o
+      returning webhooks.id, webhooks.room_id
+    )
+    select array_agg(h.id order by u.o) into r_hooks
+    from unnest(r_ords) as u(o) join hooks h on h.room_id = rooms[u.o];
+
+    -- Returning customers whose previous session was resolved while a call of ours was out (rare): their previous
+    -- sessions locked first, then those sessions' agents, each in id order, as report() and batches of resolutions
+    -- lock them.
+    select array_agg(u.session), array_agg(priors[u.o]), array_agg(u.last)
+    into follow, follow_prior, follow_prev
+    from unnest(r_ords, r_outcomes, r_sessions, r_last, r_call_out) as u(o, outcome, session, last, call_out)
+    where u.outcome = 'queued' and u.call_out;
     if follow is not null then
+      perform from allocator.sessions p where p.id = any (follow_prev) order by p.id for no key update;
+      perform from allocator.agents a
+      where a.id = any (array(select p.agent_id from allocator.sessions p where p.id = any (follow_prev)))
+      order by a.id
+      for no key update;
       perform allocator.follow_late_call(f.session, f.prior, f.previous)
       from unnest(follow, follow_prior, follow_prev) as f(session, prior, previous);
     end if;
@@ -295,7 +316,8 @@ create trigger notify_room_waiting
   execute function allocator.notify('room');
 
 -- ... and new ones, once per statement (sessions_queued), as the queue head is moved back for fresh rooms queued
--- behind it (queue_fresh_room): one call for a batch of webhooks, not one each.
+-- behind it (queue_fresh_room): one call for a batch of webhooks, not one each. Never disable this trigger for a
+-- bulk load: rooms queued behind the head would stay hidden from reserve() until a room is queued before them.
 create function allocator.sessions_queued()
 returns trigger
 language plpgsql
@@ -319,9 +341,9 @@ create trigger sessions_queued
 
 -- Many webhooks of one kind in one round trip: the web app's group commit (the webhooks that arrived while its
 -- previous call of that kind ran). `kind` is 'new_request' or 'close_request'; `requests` is a JSON array of
--- {"payload": {...}, "request_id": "..."}, each applied by accept_new_request or accept_close_request in order; one
--- that fails (odd data that got past validation) affects no other: its row carries the error (error_code, error)
--- instead. All commit together, so each webhook is still answered only once its row is committed.
+-- {"payload": {...}, "request_id": "..."}: allocation webhooks applied set-based by accept_new_requests,
+-- resolutions one after another by accept_close_request; one that fails (odd data that got past validation)
+-- affects no other: its row carries the error (error_code, error) instead. All commit together, so each webhook is still answered only once its row is committed.
 -- Lock order, so that batches never deadlock with each other or with the listeners: the caller orders the batch by
 -- room, and rooms are locked in that order (both kinds). Resolutions also lock rows: all their rooms first, then
 -- the rooms' sessions, then those sessions' agents, each in id order, as report() does (sessions, then agents);

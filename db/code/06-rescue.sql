@@ -36,6 +36,7 @@ $$;
 create function allocator.rescue_abandoned()
 returns integer
 language plpgsql
+set enable_seqscan = off  -- see "Plans" in 00-basics.sql: every listener runs it every second, for days
 as $$
 declare
   s       allocator.sessions;
@@ -82,6 +83,7 @@ $$;
 -- The periodic housekeeping.
 create function allocator.sweep(out rescued integer, out cancelled integer, out pruned integer)
 language plpgsql
+set enable_seqscan = off  -- see "Plans" in 00-basics.sql (what it calls inherits it)
 as $$
 begin
   rescued := allocator.rescue_abandoned() + allocator.rescue_expired();

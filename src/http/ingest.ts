@@ -1,10 +1,10 @@
 /**
  * Group commit for the webhooks: those of one kind that arrive while a call to the database runs go together in
- * the next one (allocator.accept_requests), up to MAX_IN_FLIGHT calls at once. The allocation webhook is the bulk
- * of the traffic (Qiscus sends it on every customer message); resolutions come in bursts when agents are quick (one
- * per assignment), and one call each made them queue for the pool at the drain's rate. Each request still waits
- * for its own row to be committed and gets its own outcome; one that fails in SQL fails alone. A lone webhook goes
- * at once, so a quiet service answers as fast as before.
+ * the next one (allocator.accept_requests), up to MAX_IN_FLIGHT calls of a kind at once. The allocation webhook is
+ * the bulk of the traffic (Qiscus sends it on every customer message); resolutions come in bursts when agents are
+ * quick (one per assignment), and one call each made them queue for the pool at the drain's rate. Each request
+ * still waits for its own row to be committed and gets its own outcome; one that fails in SQL fails alone. A lone
+ * webhook goes at once, so a quiet service answers as fast as before.
  *
  * A batch that loses a lock conflict (deadlock, serialization failure) is sent again, a few times: that is the
  * database being busy, not away, and Qiscus would otherwise get a 503 for a webhook that can be applied.
@@ -42,13 +42,15 @@ class RowError extends Error {
 }
 
 /**
- * Calls of one kind at once. Two: one being written while the next gathers and goes, so that a batch waiting on a
- * lock (a DBA's open transaction on an agent a returning customer's room needs) does not hold up the rest. More
- * made the batches smaller and each webhook dearer: at 64 webhooks in flight, 1/2/3/4/8 calls at once took
- * 0.052/0.063/0.079/0.093/0.118 ms of PostgreSQL CPU per webhook, and 2 answered 1.08 x the webhooks per second of
- * the plain service where 4 answered 0.95 x and 8 0.77 x (bench/ingest.ts).
+ * Calls of one kind at once. Allocation webhooks: two, one being written while the next gathers and goes, so that
+ * a batch waiting on a lock (a DBA's open transaction on an agent a returning customer's room needs) does not hold
+ * up the rest. More made the batches smaller and each webhook dearer: at 64 webhooks in flight, 1/2/3/4/8 calls at
+ * once took 0.052/0.063/0.079/0.093/0.118 ms of PostgreSQL CPU per webhook, and 2 answered 1.08 x the webhooks per
+ * second of the plain service where 4 answered 0.95 x and 8 0.77 x (bench/ingest.ts). Resolutions stay at four:
+ * they are applied one after another within their batch, holding their rooms' sessions and agents, so a larger
+ * batch holds those locks longer against the listeners' reports (not measured otherwise).
  */
-const MAX_IN_FLIGHT = 2;
+const MAX_IN_FLIGHT: Record<WebhookKind, number> = { new_request: 2, close_request: 4 };
 
 /** How many times a webhook is sent again after its batch lost a lock conflict, before it is answered 503. */
 const CONFLICT_RETRIES = 3;
@@ -60,7 +62,7 @@ export class WebhookBatcher {
   constructor(
     private readonly pool: pg.Pool,
     private readonly kind: WebhookKind,
-    private readonly maxInFlight = MAX_IN_FLIGHT,
+    private readonly maxInFlight = MAX_IN_FLIGHT[kind],
     private readonly maxBatch = 200,
   ) {}
 

@@ -229,8 +229,14 @@ describe('the cost of a large batch when few rooms wait', () => {
   });
 });
 
+/** What a listener runs every second besides reserve and report: the probe's rescue and the sweep. */
+async function listenerChores(c: pg.ClientBase): Promise<void> {
+  await c.query(`select allocator.rescue_abandoned()`);
+  await c.query(`select * from allocator.sweep()`);
+}
+
 describe('plans that do not depend on the statistics', () => {
-  it('reserve, report and the webhooks never scan sessions, attempts, agents or webhooks, even when their plans were made on tiny tables', async () => {
+  it('reserve, report, the webhooks and the sweep never scan sessions, attempts, agents or webhooks, even when their plans were made on tiny tables', async () => {
     const c = await db.client();
     // Every connection's counts, not only c's: a pool connection that ran the previous test's invariant check
     // (which does scan) less than a second after its last flush keeps those counts pending for 10 s of idleness,
@@ -246,6 +252,7 @@ describe('plans that do not depend on the statistics', () => {
           JSON.stringify(rs.map((r) => ({ attempt: r.attempt_id, outcome: 'assigned', service: round + 1 }))),
         ]);
         for (const r of rs) await resolve(c, r.room_id, round + 1);
+        await listenerChores(c);
       }
       // Then the tables grow, with no ANALYZE (as in a burst): scans would now read thousands of pages.
       await c.query(`
@@ -277,6 +284,7 @@ describe('plans that do not depend on the statistics', () => {
           JSON.stringify(rs.map((r) => ({ attempt: r.attempt_id, outcome: 'assigned', service: 100 + round }))),
         ]);
         for (const r of rs) await resolve(c, r.room_id, 100 + round);
+        await listenerChores(c);
       }
       expect(await scans()).toEqual(before);
     } finally {
@@ -412,6 +420,30 @@ describe('accept_new_requests(requests)', () => {
       backing_off: true,
       last_error: 'waiting for the answer of the assign call made for the previous session',
     });
+  });
+
+  it('a batch of repeats writes no session, so it does not hold the intake lock that moving the queue head needs', async () => {
+    await queue(db.pool, 'r1');
+    const c = await db.client();
+    const intakeLocks = async () =>
+      Number((await db.pool.query(
+        `select count(*) as n from pg_locks where locktype = 'advisory' and classid = 1367 and objid = 0 and pid = $1`,
+        [(await c.query(`select pg_backend_pid() as pid`)).rows[0].pid],
+      )).rows[0].n);
+    const send = (rooms: string[]) =>
+      c.query(`select * from allocator.accept_new_requests($1::jsonb) order by ord`, [
+        JSON.stringify(rooms.map((r, i) => ({ payload: newRequest(r), request_id: `q${i}` }))),
+      ]);
+    try {
+      await c.query('begin');
+      expect((await send(['r1', 'r1'])).rows.map((r) => r.outcome)).toEqual(['already_queued', 'already_queued']);
+      expect(await intakeLocks()).toBe(0);
+      expect((await send(['r2'])).rows.map((r) => r.outcome)).toEqual(['queued']);
+      expect(await intakeLocks()).toBe(1); // held shared until commit (take_intake_lock)
+      await c.query('commit');
+    } finally {
+      await c.end();
+    }
   });
 });
 
