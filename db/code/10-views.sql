@@ -125,8 +125,14 @@ create view allocator.stats_live as
     (select count(*) from allocator.agents g
       where not g.accepting and g.type = 'agent' and g.present)                          as agents_offline,
     (select coalesce(sum(capacity), 0) from allocator.agent_load where available)        as capacity_online,
-    (select coalesce(sum(load), 0) from allocator.agent_load where available)            as load_online;
-comment on view allocator.stats_live is 'Now: rooms waiting and the oldest, assignments in flight, agents free/full/offline.';
+    (select coalesce(sum(load), 0) from allocator.agent_load where available)            as load_online,
+    -- How long the oldest open snapshot of the cluster has held back the cleanup of old row versions (a DBA's
+    -- transaction left open, a long report): under one, each room served makes the agents' rows dearer to read
+    -- (README, "An old snapshot"). Other roles' sessions count only where the reader has pg_read_all_stats.
+    (select now() - min(a.xact_start) from pg_stat_activity a
+      where a.backend_xmin is not null and a.pid <> pg_backend_pid())                   as oldest_snapshot;
+comment on view allocator.stats_live is 'Now: rooms waiting and the oldest, assignments in flight, agents free/full/offline, '
+  'the oldest open snapshot.';
 
 -- Time from arrival to assignment (p50, p90) over the last hour and the last day.
 create view allocator.stats_time_to_assign as

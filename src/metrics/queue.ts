@@ -1,5 +1,6 @@
 /**
- * The queue as PostgreSQL sees it, read at scrape time: rooms waiting, the oldest wait, agents free/full/offline.
+ * The queue as PostgreSQL sees it, read at scrape time: rooms waiting, the oldest wait, agents free/full/offline,
+ * the oldest open snapshot.
  *
  * The database is the truth and any number of web and listener processes share it, so these gauges are not kept
  * in memory: each scrape runs one query on `allocator.stats_live`, shared by all the gauges of that scrape. Every
@@ -25,6 +26,8 @@ interface QueueSnapshot {
   agentsOffline: number;
   capacityOnline: number;
   loadOnline: number;
+  /** Seconds the oldest open snapshot of the cluster has held back the cleanup of old row versions; 0 when none. */
+  oldestSnapshotSeconds: number;
 }
 
 const SNAPSHOT_SQL = `
@@ -37,7 +40,8 @@ const SNAPSHOT_SQL = `
          agents_full::float8                                   as "agentsFull",
          agents_offline::float8                                as "agentsOffline",
          capacity_online::float8                               as "capacityOnline",
-         load_online::float8                                   as "loadOnline"
+         load_online::float8                                   as "loadOnline",
+         coalesce(extract(epoch from oldest_snapshot), 0)::float8 as "oldestSnapshotSeconds"
   from allocator.stats_live`;
 
 export interface QueueMetricsOptions {
@@ -148,6 +152,11 @@ export function registerQueueMetrics(registry: Registry, pool: pg.Pool, opts: Qu
   );
   gauge('capacity_online', 'Sum of the capacity of online agents (room slots)', (g, s) => g.set(s.capacityOnline));
   gauge('load_online', 'Rooms held by online agents (ours and assigned by hand)', (g, s) => g.set(s.loadOnline));
+  gauge(
+    'oldest_snapshot_seconds',
+    'How long the oldest open transaction snapshot in the cluster has held back the cleanup of old row versions; 0 when none',
+    (g, s) => g.set(s.oldestSnapshotSeconds),
+  );
 }
 
 function withTimeout<T>(p: Promise<T>, ms: number): Promise<T> {

@@ -167,6 +167,22 @@ describe('request id', () => {
 });
 
 describe('queue gauges with the database away', () => {
+  it('allocator_oldest_snapshot_seconds: a transaction left open shows, at least as old as it is', async () => {
+    const c = await db.client();
+    try {
+      await c.query('begin isolation level repeatable read');
+      await c.query('select count(*) from allocator.sessions');
+      const opened = performance.now();
+      await new Promise((r) => setTimeout(r, 1500));
+      const m = await scrape(app.url + '/metrics');
+      // the cluster's oldest: other test files' transactions may be older still, never younger
+      expect(m.value('allocator_oldest_snapshot_seconds')).toBeGreaterThanOrEqual((performance.now() - opened) / 1000 - 0.1);
+      await c.query('commit');
+    } finally {
+      await c.end();
+    }
+  });
+
   it('a refused connection: allocator_database_up 0, the queue gauges left out, the rest still served', async () => {
     const port = await freePort(); // nothing listens there
     const pool = new pg.Pool({ connectionString: `postgres://x:y@127.0.0.1:${port}/none`, connectionTimeoutMillis: 1000 });
