@@ -346,8 +346,8 @@ declare
   paired     bigint[] := '{}';  -- the agent of each room in pair_rooms
   choice     bigint;
   i          integer;
-  -- What other callers' batches may hold right now, at most: four listeners' pipelines at the shipped
-  -- LISTENER_CONCURRENCY (16). A pass that came up short reads this much further (see below).
+  -- What other callers' batches may hold right now: two listeners' pipelines at the shipped LISTENER_CONCURRENCY
+  -- (32; it was four at 16). A pass that came up short reads this much further (see below).
   others     constant integer := 64;
 begin
   -- Twice as many candidates as places: some may be locked by another reservation right now. If those leave us
