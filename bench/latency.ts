@@ -21,7 +21,7 @@ import http from 'node:http';
 import pg from 'pg';
 import { watchAssignments, type AssignWatch } from './lib/assign-watch.ts';
 import { profileArgs } from './lib/cpuprofile.ts';
-import { connectClients, endClients } from './lib/db.ts';
+import { connectClients, endClients, holdSnapshot, releaseSnapshot } from './lib/db.ts';
 import { postJson } from './lib/http-load.ts';
 import { isMain, partTimer, standalone, type BenchContext, type PartResult } from './lib/results.ts';
 import { APP_ID, INSERT_AGENTS_SQL, newRequestBody, SECRET_KEY, startListeners, startSim, startWeb } from './lib/stack.ts';
@@ -115,13 +115,7 @@ async function stackRun(
   const c = new pg.Client({ connectionString: db.url });
   await c.connect();
   await c.query(INSERT_AGENTS_SQL, [1, AGENTS]);
-  let snap: pg.Client | null = null;
-  if (history.snapshot) {
-    snap = new pg.Client({ connectionString: db.url, application_name: 'allocator-bench-snapshot' });
-    await snap.connect();
-    await snap.query('begin isolation level repeatable read');
-    await snap.query('select count(*) from allocator.sessions');
-  }
+  const snap = history.snapshot ? await holdSnapshot(db.url) : null;
   await serveHistory(c, history.served);
   const sim = await startSim(AGENTS);
   const watch = watchAssignments(sim);
@@ -156,10 +150,7 @@ async function stackRun(
   agent.destroy();
   const memory = { web: web.memory(), listener: listener!.memory() };
   await Promise.all([web.stop(), listener!.stop()]);
-  if (snap) {
-    await snap.query('commit');
-    await snap.end();
-  }
+  if (snap) await releaseSnapshot(snap);
   await sim.close();
   await c.end();
   await db.drop();

@@ -195,6 +195,24 @@ export async function connectClients(url: string, n: number): Promise<pg.Client[
   return clients;
 }
 
+/**
+ * A pinned horizon: a connection of its own holding a REPEATABLE READ snapshot open (`begin isolation level
+ * repeatable read; select count(*) from allocator.sessions;`, as a long report or a forgotten psql session would).
+ * While it lives, no row version changed since can be cleaned. End it with releaseSnapshot().
+ */
+export async function holdSnapshot(url: string): Promise<pg.Client> {
+  const snap = new pg.Client({ connectionString: url, application_name: 'allocator-bench-snapshot' });
+  await snap.connect();
+  await snap.query('begin isolation level repeatable read');
+  await snap.query('select count(*) from allocator.sessions');
+  return snap;
+}
+
+export async function releaseSnapshot(snap: pg.Client): Promise<void> {
+  await snap.query('commit');
+  await snap.end();
+}
+
 export async function endClients(clients: pg.Client[]): Promise<void> {
   await Promise.all(clients.map((c) => c.end().catch(() => {})));
 }

@@ -29,7 +29,7 @@ import { runMigrations as gwMigrations, Logger as GwLogger } from 'graphile-work
 import type { Simulator } from '../../src/simulator/qiscus-simulator.ts';
 import { processTree, startCpu, type CpuReport } from './cpu.ts';
 import { profileArgs } from './cpuprofile.ts';
-import type { BenchDatabase } from './db.ts';
+import { holdSnapshot, releaseSnapshot, type BenchDatabase } from './db.ts';
 import { loggedPlans, logOffset, pgssReset, pgssTop, type LoggedPlan, type PgssRow } from './pgss.ts';
 import { root, spawnService, type Service } from './procs.ts';
 import type { BenchContext, Goal } from './results.ts';
@@ -233,12 +233,7 @@ export async function drainRun(ctx: BenchContext, peer: Peer, o: DrainOptions, l
   let procs: Service[] = [];
   try {
     await prepare(c, db, peer, o);
-    if (o.snapshot) {
-      snap = new pg.Client({ connectionString: db.url, application_name: 'allocator-bench-snapshot' });
-      await snap.connect();
-      await snap.query('begin isolation level repeatable read');
-      await snap.query('select count(*) from allocator.sessions');
-    }
+    if (o.snapshot) snap = await holdSnapshot(db.url);
     await pgssReset(c);
     const logFrom = logOffset(ctx.server.logFile);
     const watch = watchCalls(sim);
@@ -280,8 +275,7 @@ export async function drainRun(ctx: BenchContext, peer: Peer, o: DrainOptions, l
     const memory = procs.map((p) => ({ name: p.name, peakMiB: p.memory().peak }));
     await Promise.all(procs.map((p) => p.stop()));
     if (snap) {
-      await snap.query('commit');
-      await snap.end();
+      await releaseSnapshot(snap);
       snap = null;
     }
     const pgss = await pgssTop(c, db.name);
