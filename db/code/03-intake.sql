@@ -105,11 +105,11 @@ begin
          array_agg(x.request_id order by x.n),
          array_agg(x.nth order by x.n), coalesce(max(x.nth), 0)
   into rooms, priors, payloads, request_ids, nths, rounds
-  from (select t.n, t.e -> 'payload' as payload, t.e ->> 'request_id' as request_id,
-               nullif(btrim(t.e -> 'payload' ->> 'room_id'), '') as room,
-               allocator.json_bigint(t.e -> 'payload' -> 'latest_service' -> 'id') as prior,
-               row_number() over (partition by nullif(btrim(t.e -> 'payload' ->> 'room_id'), '') order by t.n)::integer as nth
-        from jsonb_array_elements(requests) with ordinality as t(e, n)) x;
+  from (select r.*, row_number() over (partition by r.room order by r.n)::integer as nth
+        from (select t.n, t.e -> 'payload' as payload, t.e ->> 'request_id' as request_id,
+                     nullif(btrim(t.e -> 'payload' ->> 'room_id'), '') as room,
+                     allocator.json_bigint(t.e -> 'payload' -> 'latest_service' -> 'id') as prior
+              from jsonb_array_elements(requests) with ordinality as t(e, n)) r) x;
   if array_position(rooms, null) is not null then
     raise exception 'room_id is required' using errcode = 'invalid_parameter_value';
   end if;

@@ -49,10 +49,11 @@ create trigger place_new_session
 
 -- The intake lock (key 1367, 0): every statement that inserts sessions holds it shared until it commits, taken
 -- before its rows read the routes (in place_new_session: a volatile function, whose SELECT takes a snapshot after
--- the lock; the INSERT's own query must not read them, as its snapshot is older). It pairs with two exclusive holders: reroute_waiting (without it, a session
--- inserted by a webhook whose transaction was still open when a change of routes committed kept the old route: it
--- read the routes before the change, and the change's reroute could not see it yet) and advance_queue_head
--- (04-reservation.sql: it must see every fresh room queued before its move).
+-- the lock; the INSERT's own query must not read them, as its snapshot is older). It pairs with two exclusive
+-- holders: reroute_waiting (without it, a session inserted by a webhook whose transaction was still open when a
+-- change of routes committed kept the old route: it read the routes before the change, and the change's reroute
+-- could not see it yet) and advance_queue_head (04-reservation.sql: it must see every fresh room queued before its
+-- move).
 create function allocator.take_intake_lock()
 returns trigger
 language plpgsql
