@@ -79,7 +79,8 @@ interface History {
 /**
  * The queue's history: `served` rooms queued (through accept_new_requests, as the web writes them) and resolved
  * (the state change the served rooms' last versions have), in batches of 1,000; and what serving them did to the
- * agents: each room's agent counted once more, then once less (two row versions of an agent per room).
+ * agents: each room's agent counted once more, then once less (two row versions of an agent per room), as
+ * reserve_batch and free_slot write them.
  */
 async function serveHistory(c: pg.Client, served: number): Promise<void> {
   for (let from = 0; from < served; from += 1000) {
@@ -87,8 +88,10 @@ async function serveHistory(c: pg.Client, served: number): Promise<void> {
     await c.query(`
       do $$ begin
         for i in 1 .. ${Math.ceil(n / AGENTS)} loop
-          update allocator.agents set our_load = our_load + 1 where id between 1 and ${AGENTS};
-          update allocator.agents set our_load = our_load - 1 where id between 1 and ${AGENTS};
+          update allocator.agents set our_load = our_load + 1, last_assigned_at = clock_timestamp(),
+                                      version = version + 1
+          where id between 1 and ${AGENTS};
+          update allocator.agents set our_load = our_load - 1, version = version + 1 where id between 1 and ${AGENTS};
         end loop;
       end $$`);
     const requests = Array.from({ length: n }, (_, i) => ({

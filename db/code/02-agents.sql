@@ -69,12 +69,40 @@ create trigger guard_capacity
   for each row when (new.our_load > old.our_load)
   execute function allocator.guard_capacity();
 
+-- Locks agent `agent` (FOR NO KEY UPDATE) and returns the place of its latest row version, for an update by TID in
+-- the caller's next statement (a new snapshot, which sees that version; the lock keeps it the latest). Read newest
+-- version first (agents_newest): a lookup by the primary key would walk every version an old snapshot keeps (see
+-- agents.version, migration 12). Null when there is no such agent.
+create function allocator.lock_agent(agent bigint)
+returns tid
+language plpgsql
+set enable_bitmapscan = off set enable_sort = off  -- agents_newest in its order: see "Plans" in 00-basics.sql
+as $$
+declare
+  place tid;
+begin
+  select a.ctid into place
+  from allocator.agents a
+  where a.id = agent
+  order by a.version desc
+  limit 1
+  for no key update;
+  return place;
+end;
+$$;
+
 -- Frees one of an agent's slots. The caller holds the session row that had it; this is the only place our_load
 -- goes down.
 create function allocator.free_slot(agent bigint)
 returns void
-language sql
-as $$ update allocator.agents set our_load = our_load - 1 where id = agent $$;
+language plpgsql
+as $$
+declare
+  place tid := allocator.lock_agent(agent);
+begin
+  update allocator.agents a set our_load = a.our_load - 1, version = a.version + 1 where a.ctid = place;
+end;
+$$;
 
 -- Takes one slot of an agent if it still accepts rooms and is below capacity. The guarded update is the capacity
 -- check: it runs under the row lock, so two transactions cannot both take the last slot.
@@ -82,10 +110,12 @@ create function allocator.take_slot(agent bigint)
 returns boolean
 language plpgsql
 as $$
+declare
+  place tid := allocator.lock_agent(agent);
 begin
   update allocator.agents a
-  set our_load = a.our_load + 1, last_assigned_at = now()
-  where a.id = agent and allocator.can_take_room(a);
+  set our_load = a.our_load + 1, last_assigned_at = now(), version = a.version + 1
+  where a.ctid = place and (select allocator.can_take_room(a));  -- a sub-select: see reserve_batch's slot update
   return found;
 end;
 $$;
@@ -226,3 +256,26 @@ create trigger notify_agent_free
         and (new.total_load < old.total_load or new.max_load is distinct from old.max_load or not old.accepting
              or new.division_ids is distinct from old.division_ids))
   execute function allocator.notify('agent');
+
+-- An agent that sessions or attempts name stays: deleting it is refused, as the foreign keys did before migration
+-- 13 (which see: checking them on every reservation walked every version of the agent an old snapshot keeps).
+-- Marking it gone is the roster's way (present = false); the history keeps naming it.
+create function allocator.agents_in_history()
+returns trigger
+language plpgsql
+as $$
+begin
+  if exists (select from allocator.sessions s where s.agent_id = old.id)
+     or exists (select from allocator.attempts t where t.agent_id = old.id) then
+    raise exception 'agent % is named by sessions or attempts', old.id
+      using errcode = 'foreign_key_violation',
+            hint = 'An agent that left Qiscus stays, marked present = false; delete its history first to remove it.';
+  end if;
+  return old;
+end;
+$$;
+
+create trigger agents_in_history
+  before delete on allocator.agents
+  for each row
+  execute function allocator.agents_in_history();

@@ -367,7 +367,8 @@ $$;
 create function allocator.report(outcomes jsonb)
 returns table (attempt_id bigint, result text)
 language plpgsql
-set enable_seqscan = off set plan_cache_mode = force_generic_plan  -- see "Plans" in 00-basics.sql
+set enable_seqscan = off set enable_bitmapscan = off set enable_sort = off  -- see "Plans" in 00-basics.sql
+set plan_cache_mode = force_generic_plan
 as $$
 declare
   o        jsonb;
