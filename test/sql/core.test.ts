@@ -264,6 +264,20 @@ describe('reservation', () => {
     );
   });
 
+  it('refuses to delete an agent that sessions or attempts name (the foreign keys it replaces), allows one they do not', async () => {
+    await addAgents(db.pool, [1, 2]);
+    await queue(db.pool, 'named');
+    expect(await assignAll(db.pool)).toHaveLength(1);
+    const named = (await sessionOf(db.pool, 'named')).agent_id as string;
+    const other = named === '1' ? 2 : 1;
+    await expect(db.pool.query(`delete from allocator.agents where id = $1`, [named])).rejects.toMatchObject({
+      code: '23503',
+    });
+    await db.pool.query(`delete from allocator.agents where id = $1`, [other]);
+    const left = await db.pool.query(`select id from allocator.agents`);
+    expect(left.rows.map((r) => String(r.id))).toEqual([named]);
+  });
+
   it('does not let a room locked by another transaction stop the others from being served', async () => {
     await addAgents(db.pool, [1, 2]);
     await queue(db.pool, 'first');
