@@ -22,12 +22,9 @@
 -- call). Every statement of these paths has an index that serves it, so neither setting can make a plan worse; and
 -- the generic plan is made once, where a custom plan (chosen because a LIMIT or an array is a parameter) was made
 -- again on every call (0.1-0.2 ms each). Tested in test/sql/batch.test.ts (plans that do not depend on the
--- statistics). reserve and report (and lock_agent) also run with `enable_bitmapscan = off` and `enable_sort = off`:
--- a lookup that reads an agent newest version first (agents_newest, `order by version desc limit 1`) stops at its
--- first entry only as a plain scan of that index in its order. A bitmap scan reads every entry of its range first,
--- and the primary key with a sort of the one row it expects looked as cheap: under an old snapshot either read
--- every version the agent had since (20 agents and 20,000 rooms served: 800 buffers per lookup). Nothing in these
--- paths needs a sort that an index does not give; where one is unavoidable, it is still made.
+-- statistics). reserve and report also run with `enable_bitmapscan = off`: a bitmap scan reads every entry of its
+-- range before it returns a row, where the hot path reads its indexes in their order and stops early. The lookups
+-- of an agent by id set their own (see "Newest version first" in 02-agents.sql).
 --
 -- Shape of the data:
 --   settings   tunables a DBA may change at any time (read on every call, so a change applies at once)

@@ -178,10 +178,7 @@ begin
     where u.outcome = 'queued' and u.call_out;
     if follow is not null then
       perform from allocator.sessions p where p.id = any (follow_prev) order by p.id for no key update;
-      perform from allocator.agents a
-      where a.id = any (array(select p.agent_id from allocator.sessions p where p.id = any (follow_prev)))
-      order by a.id
-      for no key update;
+      perform allocator.lock_agents(array(select p.agent_id from allocator.sessions p where p.id = any (follow_prev)));
       perform allocator.follow_late_call(f.session, f.prior, f.previous)
       from unnest(follow, follow_prior, follow_prev) as f(session, prior, previous);
     end if;
@@ -393,10 +390,7 @@ begin
                   from unnest(rooms) as u(room))
             || array(select q.id from allocator.sessions q where q.room_id = any (rooms) and q.late_service_id is not null);
     perform from allocator.sessions s where s.id = any (held) order by s.id for update;
-    perform from allocator.agents a
-    where a.id = any (array(select s.agent_id from allocator.sessions s where s.id = any (held)))
-    order by a.id
-    for no key update;
+    perform allocator.lock_agents(array(select s.agent_id from allocator.sessions s where s.id = any (held)));
   end if;
 
   -- All in one subtransaction first: one per webhook cost a subtransaction id and its bookkeeping for every

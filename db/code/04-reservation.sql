@@ -15,8 +15,8 @@ as $$
      and q.next_attempt_at <= now()
      and candidate <> all (q.excluded_agents)
      and (q.last_agent_id is null or q.last_agent_id = candidate
-          or not exists (select from allocator.eligible_agents e
-                         where e.id = q.last_agent_id
+          or not exists (select from allocator.agent_now(q.last_agent_id) e
+                         where allocator.can_take_room(e)
                            and allocator.may_serve(q.division_ids, q.overflow_at, e.division_ids)))
 $$;
 
@@ -270,7 +270,7 @@ create function allocator.reserve(owner integer default null, batch integer defa
 returns table (attempt_id bigint, session_id bigint, room_id text, agent_id bigint, attempt integer,
                lease_expires_at timestamptz)
 language plpgsql
-set enable_seqscan = off set enable_bitmapscan = off set enable_sort = off  -- see "Plans" in 00-basics.sql
+set enable_seqscan = off set enable_bitmapscan = off  -- see "Plans" in 00-basics.sql
 set plan_cache_mode = force_generic_plan
 as $$
 declare
@@ -337,7 +337,7 @@ begin
     limit 1
     for no key update of q skip locked;
     exit when s.id is null;
-    if exists (select from allocator.agents a where a.id = s.agent_id and a.online) then
+    if (allocator.agent_now(s.agent_id)).online then
       return query select * from allocator.reserve_for(s, s.agent_id, owner);
       return;
     end if;
@@ -390,21 +390,10 @@ begin
     if cardinality(candidates) = 0 then
       return;
     end if;
-    -- Lock the first `batch` that are still free on their latest version, in order of preference. Each read
-    -- newest version first (see allocator.lock_agent), with the place of that version for the slot update below.
-    select coalesce(array_agg(x.a order by x.n), '{}'), coalesce(array_agg(x.place order by x.n), '{}')
-    into agents, places
-    from (select l.a, l.place, c.n
-          from unnest(candidates) with ordinality c(id, n)
-          cross join lateral (select a, a.ctid as place
-                              from allocator.agents a
-                              where a.id = c.id
-                              order by a.version desc
-                              limit 1
-                              for no key update of a skip locked) l
-          where allocator.can_take_room(l.a)
-          order by c.n
-          limit batch) x;
+    -- Lock the first `batch` that are still free on their latest version, in order of preference, with the place
+    -- of that version for the slot update below.
+    select coalesce(array_agg(f.agent), '{}'), coalesce(array_agg(f.place), '{}') into agents, places
+    from allocator.lock_free_agents(candidates, batch) f;
     if cardinality(agents) < least(batch, cardinality(candidates)) then
       perform set_config('allocator.contended', 'on', true);  -- see reserve()
     end if;
@@ -528,17 +517,11 @@ begin
 
     -- Lock the agent, or move on if another reservation holds it right now. The check runs on the row's latest
     -- version (the cursor's snapshot may be older), so a room is only taken below once a slot is certain.
-    -- Read newest version first (see allocator.lock_agent).
-    select (l.a).division_ids into divisions
-    from (select a from allocator.agents a where a.id = candidate order by a.version desc limit 1
-          for no key update skip locked) l
-    where allocator.can_take_room(l.a);
+    select (f.agent).division_ids into divisions from allocator.lock_free_agents(array[candidate], 1) f;
     if not found then
       -- Skipped because another reservation holds it? Then that one may leave rooms this agent could take: say
       -- so, and reserve() wakes everyone once it commits.
-      if exists (select from (select a from allocator.agents a where a.id = candidate order by a.version desc
-                              limit 1) l
-                 where allocator.can_take_room(l.a)) then
+      if allocator.can_take_room(allocator.agent_now(candidate)) then
         perform set_config('allocator.contended', 'on', true);
       end if;
       continue;

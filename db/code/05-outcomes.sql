@@ -367,7 +367,7 @@ $$;
 create function allocator.report(outcomes jsonb)
 returns table (attempt_id bigint, result text)
 language plpgsql
-set enable_seqscan = off set enable_bitmapscan = off set enable_sort = off  -- see "Plans" in 00-basics.sql
+set enable_seqscan = off set enable_bitmapscan = off  -- see "Plans" in 00-basics.sql
 set plan_cache_mode = force_generic_plan
 as $$
 declare
@@ -383,10 +383,7 @@ begin
   where s.id = any (array(select a.session_id from allocator.attempts a where a.id = any (reported)))
   order by s.id
   for no key update of s;
-  perform from allocator.agents g
-  where g.id = any (array(select a.agent_id from allocator.attempts a where a.id = any (reported)))
-  order by g.id
-  for no key update of g;
+  perform allocator.lock_agents(array(select a.agent_id from allocator.attempts a where a.id = any (reported)));
 
   -- The usual outcome, set-based: an assignment whose reservation is still current (what confirm() does when
   -- current_reservation() finds the room reserved by this attempt), in one statement for the batch instead of

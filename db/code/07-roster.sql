@@ -49,7 +49,9 @@ returns integer
 language plpgsql
 as $$
 declare
-  n integer;
+  n     integer;
+  added integer;
+  todo  jsonb;  -- the new agents and the changed rows (see `changed`)
 begin
   with incoming as (
     select allocator.json_bigint(a -> 'id')                     as id,
@@ -114,10 +116,9 @@ begin
            greatest(i.qiscus_load - coalesce(o.counted, 0) - coalesce(o.uncertain, 0), 0) as seen
     from incoming i left join ours o on o.agent_id = i.id
   ),
-  -- Only new agents and changed rows go to the upsert: ON CONFLICT DO UPDATE locks every conflicting row even when
-  -- its WHERE then skips the update, and a sync holding every agent's row locked would make reserve() pass over
-  -- them (SKIP LOCKED) for as long as the sync runs. A row changed meanwhile by another sync is still updated from
-  -- its latest version below; one the filter left out keeps the other sync's newer values.
+  -- Only new agents and changed rows are written: a sync holding every agent's row locked would make reserve() pass
+  -- over them (SKIP LOCKED) for as long as the sync runs. A row changed meanwhile by another sync is still updated
+  -- from its latest version below; one the filter left out keeps the other sync's newer values.
   changed as (
     select p.*
     from pulled p
@@ -129,19 +130,35 @@ begin
           (p.name, p.email, p.type, p.is_available, p.force_offline, true, p.qiscus_load,
            allocator.external_after_pull(a, p.by_hand, p.counted, started_at), p.seen, p.counted)
   )
-  insert into allocator.agents as a (id, name, email, type, is_available, force_offline, present, qiscus_load,
-                                     external_load, external_seen, pulled_ours, synced_at)
+  select coalesce(jsonb_agg(to_jsonb(c) order by c.id), '[]') into todo from changed c;
+
+  -- The agents we know, locked in id order as report() locks them (no deadlock between a sync and a batch), each
+  -- updated from its latest version.
+  perform allocator.lock_agents(array(select (x ->> 'id')::bigint from jsonb_array_elements(todo) x));
+  update allocator.agents a
+  set name = c.name, email = c.email, type = c.type, is_available = c.is_available,
+      force_offline = c.force_offline, present = true, qiscus_load = c.qiscus_load,
+      external_load = allocator.external_after_pull(a, c.by_hand, c.counted, started_at),
+      external_seen = c.seen, pulled_ours = c.counted, synced_at = now()
+  from jsonb_to_recordset(todo) as c(id bigint, name text, email text, type text, is_available boolean,
+                                     force_offline boolean, qiscus_load integer, by_hand integer, seen integer,
+                                     counted integer)
+  where a.id = c.id;
+  get diagnostics n = row_count;
+  -- New agents: one sync at a time inserts, and each looks again under that lock (agents.id has no unique index:
+  -- see agents_unique_id), so that two listeners' syncs never both add an agent.
+  perform pg_advisory_xact_lock(1367, 3);
+  insert into allocator.agents (id, name, email, type, is_available, force_offline, present, qiscus_load,
+                                external_load, external_seen, pulled_ours, synced_at)
   select c.id, c.name, c.email, c.type, c.is_available, c.force_offline, true, c.qiscus_load, c.by_hand, c.seen,
          c.counted, now()
-  from changed c
-  order by c.id  -- agents locked in id order, as report() does: no deadlock between a sync and a batch
-  on conflict (id) do update
-  set name = excluded.name, email = excluded.email, type = excluded.type, is_available = excluded.is_available,
-      force_offline = excluded.force_offline, present = true, qiscus_load = excluded.qiscus_load,
-      external_load = allocator.external_after_pull(a, excluded.external_load, excluded.pulled_ours, started_at),
-      external_seen = excluded.external_seen, pulled_ours = excluded.pulled_ours,
-      synced_at = excluded.synced_at;
-  get diagnostics n = row_count;
+  from jsonb_to_recordset(todo) as c(id bigint, name text, email text, type text, is_available boolean,
+                                     force_offline boolean, qiscus_load integer, by_hand integer, seen integer,
+                                     counted integer)
+  where not exists (select from allocator.agents a where a.id = c.id)
+  order by c.id;
+  get diagnostics added = row_count;
+  n := n + added;
 
   if complete then
     update allocator.agents a set present = false, synced_at = now()
@@ -210,7 +227,7 @@ begin
     heads as (
       select q.division_ids, q.overflow_at
       from allocator.sessions q
-      where q.state = 'waiting' and not q.holds_slot and q.next_attempt_at <= now()
+      where q.in_queue and not q.holds_slot and q.next_attempt_at <= now()
       order by q.priority desc, q.queued_at, q.id
       limit 20
     )

@@ -29,7 +29,7 @@ as $$
 begin
   update allocator.sessions s
   set priority = allocator.priority_of(s.source), updated_at = now()
-  where s.state = 'waiting'
+  where s.in_queue
     and s.source in (select x from unnest(array[
                        case when tg_op <> 'INSERT' then old.source end,
                        case when tg_op <> 'DELETE' then new.source end]) x where x is not null);
@@ -57,7 +57,7 @@ begin
   end if;
   for s in
     select * from allocator.sessions q
-    where q.state = 'waiting' and q.queued_at < now() - max_wait
+    where q.in_queue and q.queued_at < now() - max_wait
     order by q.queued_at
     for update skip locked
   loop

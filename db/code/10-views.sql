@@ -18,7 +18,7 @@ create view allocator.queue as
          s.id as session_id,
          case when s.overflow_at <= now() then null else s.division_ids end as division_ids
   from allocator.sessions s
-  where s.state = 'waiting'
+  where s.in_queue
   order by position;
 comment on view allocator.queue is 'Waiting rooms in serving order. next_attempt_at in the future means backing off '
   '(or, as last_error says, waiting for the answer of a call made for the room''s previous session); '
@@ -54,7 +54,7 @@ create view allocator.division_queue as
   cross join lateral (
     select count(*) as waiting, now() - min(s.queued_at) as longest_wait
     from allocator.sessions s
-    where s.state = 'waiting' and s.division_ids @> array[d.id] and coalesce(s.overflow_at > now(), true)) w
+    where s.in_queue and s.division_ids @> array[d.id] and coalesce(s.overflow_at > now(), true)) w
   cross join lateral (
     select count(*) as agents_online,
            coalesce(sum(greatest(allocator.capacity(a.max_load) - a.total_load, 0)), 0) as free_slots
@@ -102,7 +102,7 @@ as $$
   union all
   select 'room with more than one open session', format('room %s: %s open', s.room_id, count(*))
   from allocator.sessions s
-  where s.state in ('waiting', 'reserved', 'assigned')
+  where s.open
   group by s.room_id
   having count(*) > 1;
 $$;
@@ -110,13 +110,13 @@ $$;
 -- One row: the state of the contact centre right now.
 create view allocator.stats_live as
   select
-    (select count(*) from allocator.sessions where state = 'waiting')                    as waiting,
+    (select count(*) from allocator.sessions where in_queue)                             as waiting,
     (select count(*) from allocator.sessions  -- only a room reserved before backs off
      where state = 'waiting' and (reserved_at is not null or priority <> 0) and next_attempt_at > now())
                                                                                          as backing_off,
-    (select room_id from allocator.sessions where state = 'waiting' order by queued_at, id limit 1)
+    (select room_id from allocator.sessions where in_queue order by queued_at, id limit 1)
                                                                                          as oldest_room_id,
-    (select now() - min(queued_at) from allocator.sessions where state = 'waiting')      as oldest_wait,
+    (select now() - min(queued_at) from allocator.sessions where in_queue)               as oldest_wait,
     (select count(*) from allocator.sessions where state = 'reserved')                   as assigning,
     (select count(*) from allocator.sessions where state = 'assigned')                   as assigned_open,
     (select count(*) from allocator.eligible_agents)                                     as agents_free,
@@ -155,7 +155,7 @@ create view allocator.stats_agents_today as
   from allocator.agents a
   left join allocator.sessions s on s.agent_id = a.id and s.assigned_at >= date_trunc('day', now())
   where a.type = 'agent'
-  group by a.id
+  group by a.id, a.name, a.total_load
   order by assigned_today desc, a.id;
 comment on view allocator.stats_agents_today is 'Assignments per agent since midnight.';
 
@@ -183,7 +183,7 @@ create view allocator.stats_wait_buckets as
            where s.assigned_at >= now() - interval '1 day'
              and s.assigned_at - s.queued_at >= b.lo and s.assigned_at - s.queued_at < b.hi) as assigned_last_day,
          (select count(*) from allocator.sessions s
-           where s.state = 'waiting' and now() - s.queued_at >= b.lo and now() - s.queued_at < b.hi) as waiting_now
+           where s.in_queue and now() - s.queued_at >= b.lo and now() - s.queued_at < b.hi) as waiting_now
   from buckets b
   order by b.lo;
 comment on view allocator.stats_wait_buckets is 'Waiting-time histogram: assigned in the last day, and waiting now.';

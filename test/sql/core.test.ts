@@ -278,6 +278,38 @@ describe('reservation', () => {
     expect(left.rows.map((r) => String(r.id))).toEqual([named]);
   });
 
+  it('keeps agents.id unique without a unique index: a second insert of an id fails, and of two at once one wins', async () => {
+    await addAgents(db.pool, [1]);
+    await expect(db.pool.query(`insert into allocator.agents (id) values (1)`)).rejects.toMatchObject({ code: '23505' });
+    await expect(db.pool.query(`insert into allocator.agents (id) values (2), (2)`)).rejects.toMatchObject({
+      code: '23505',
+    });
+    await expect(db.pool.query(`update allocator.agents set id = 1 where id = 1`)).resolves.toBeTruthy();
+    // Two transactions add agent 3 at once: the second waits for the first and fails once it commits.
+    const [a, b] = [await db.client(), await db.client()];
+    try {
+      await a.query('begin');
+      await b.query('begin');
+      await a.query(`insert into allocator.agents (id) values (3)`);
+      const second = b.query(`insert into allocator.agents (id) values (3)`).then(
+        () => 'inserted',
+        (e: { code?: string }) => e.code,
+      );
+      await new Promise((r) => setTimeout(r, 100));
+      await a.query('commit');
+      expect(await second).toBe('23505');
+      await b.query('rollback');
+    } finally {
+      await a.end();
+      await b.end();
+    }
+    const ids = await db.pool.query(`select id, count(*)::int as n from allocator.agents group by id order by id`);
+    expect(ids.rows).toEqual([
+      { id: '1', n: 1 },
+      { id: '3', n: 1 },
+    ]);
+  });
+
   it('does not let a room locked by another transaction stop the others from being served', async () => {
     await addAgents(db.pool, [1, 2]);
     await queue(db.pool, 'first');
@@ -579,6 +611,29 @@ describe('roster sync', () => {
   const agent = (id: number, count = 0, more: Record<string, unknown> = {}) => ({
     id, name: `A${id}`, email: `a${id}@x`, is_available: true, force_offline: false,
     current_customer_count: count, type_as_string: 'agent', ...more,
+  });
+
+  it('two listeners pulling at once add each new agent once, and both pulls succeed', async () => {
+    const [a, b] = [await db.client(), await db.client()];
+    const pull = roster([agent(1, 0), agent(2, 1)]);
+    try {
+      await a.query('begin');
+      await b.query('begin');
+      await a.query(`select allocator.sync_agents($1, now())`, [pull]);
+      const second = b.query(`select allocator.sync_agents($1, now())`, [pull]);
+      await new Promise((r) => setTimeout(r, 100));
+      await a.query('commit');
+      await second;
+      await b.query('commit');
+    } finally {
+      await a.end();
+      await b.end();
+    }
+    const rows = await db.pool.query(`select id, external_load from allocator.agents order by id`);
+    expect(rows.rows).toEqual([
+      { id: '1', external_load: 0 },
+      { id: '2', external_load: 1 },
+    ]);
   });
 
   it('upserts agents and marks vanished ones as not present', async () => {

@@ -91,10 +91,10 @@ describe('an old snapshot held open', () => {
 
 describe('an old snapshot held open while few agents serve many rooms', () => {
   // Each room changes its agent's load twice, each change a new row version (the load is indexed) that the snapshot
-  // keeps: 20 agents serving 1,000 rooms have 100 versions each. Reading an agent newest version first
-  // (agents_newest, allocator.lock_agent) costs the same whatever the history; before, every lookup by id walked
-  // them all.
-  it('reading and locking an agent costs the same after 1,000 rooms as after 40; a reservation grows only by its one update', async () => {
+  // keeps: 20 agents serving 1,000 rooms have 100 versions each. Read newest version first (agents_newest,
+  // "Newest version first" in 02-agents.sql), with no unique index to check them all on each change (migration 15)
+  // and no broad index of the queue in the hot path (migration 14), the next room costs no more.
+  it('the next reservation costs no more after 1,000 rooms served by 20 agents than after 40', async () => {
     const agents = Array.from({ length: 20 }, (_, i) => i + 1);
     await addAgents(db.pool, agents);
     const dba = await db.client();
@@ -139,13 +139,12 @@ describe('an old snapshot held open while few agents serve many rooms', () => {
       await resolve(db.pool, `few-probe-${served}`);
       await serve(1000);
       const [lockLate, reserveLate] = [await lockCost(), await reserveCost()];
-      // Measured: lock 3 and 4 buffers, reserve 246 early and 210 late. Before (migrations 12 and 13): lock 7 and
-      // 36, reserve 396 and 1,044 (every candidate read by primary key, the foreign-key checks of the attempt and
-      // the session, the slot update found through agents_accepting_by_load).
+      // Measured: lock 3 and 4 buffers, reserve 235 early and 97 late. Before migrations 12-15: lock 7 and 36,
+      // reserve 396 and 1,044: every candidate read by primary key, the foreign-key checks of the attempt and the
+      // session, the slot update found through agents_accepting_by_load, its primary-key entry checked against
+      // every version of the agent, and the queue's broad indexes read from end to end.
       expect(lockLate).toBeLessThanOrEqual(lockEarly + 2);
-      // What still grows: the one update that takes the slot adds an entry to the primary key, and its uniqueness
-      // check visits each version the agent had (about one buffer each: 100 here).
-      expect(reserveLate).toBeLessThan(reserveEarly + 150);
+      expect(reserveLate).toBeLessThan(reserveEarly * 1.25);
     } finally {
       await dba.query('rollback');
       await dba.end();

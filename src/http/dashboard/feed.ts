@@ -72,7 +72,7 @@ const QUEUE_HEAD = `
   select row_number() over (order by s.priority desc, s.queued_at, s.id) as position,
          s.room_id, now() - s.queued_at as waited, s.attempts, s.last_error, s.source,
          case when s.overflow_at <= now() then null else s.division_ids end as division_ids
-  from (select * from allocator.sessions where state = 'waiting' order by priority desc, queued_at, id limit $1) s`;
+  from (select * from allocator.sessions where in_queue order by priority desc, queued_at, id limit $1) s`;
 
 /**
  * One statement, so one round trip and one consistent view. Counts, not room ids, for the agents; nothing from the
@@ -86,10 +86,10 @@ const SNAPSHOT_SQL = `
   select json_build_object(
     'at', now(),
     'qiscus', (select json_build_object('status', q.status, 'down_since', q.down_since) from allocator.qiscus_status q),
-    'waiting', (select count(*) from allocator.sessions where state = 'waiting'),
+    'waiting', (select count(*) from allocator.sessions where in_queue),
     'longest_wait_seconds',
       (select coalesce(extract(epoch from now() - min(queued_at)), 0)::float8
-         from allocator.sessions where state = 'waiting'),
+         from allocator.sessions where in_queue),
     'assigned_last_minute', (select count(*) from allocator.sessions where assigned_at >= now() - interval '1 minute'),
     'failures_last_hour',
       (select count(*) from allocator.attempts
