@@ -57,7 +57,7 @@ async function setAgents(c: pg.Client, n: number, scenario: Scenario): Promise<v
   await c.query(
     `insert into allocator.agents (id, name, email, qiscus_load, synced_at)
      select g, 'Agent ' || g, 'agent' || g || '@example.com', 0, now() from generate_series(1, $1::int) g
-     on conflict (id) do nothing`,
+     where not exists (select from allocator.agents a where a.id = g)`,
     [n],
   );
   // Everyone full (the guard allows load = capacity), idle since a different moment each.

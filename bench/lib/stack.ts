@@ -64,7 +64,7 @@ export const INSERT_AGENTS_SQL = `
   insert into allocator.agents (id, name, email, type, is_available, force_offline, present, qiscus_load, synced_at)
   select g, 'Agent ' || g, 'agent' || g || '@example.com', 'agent', true, false, true, 0, now()
   from generate_series($1::bigint, $2::bigint) g
-  on conflict (id) do nothing`;
+  where not exists (select from allocator.agents a where a.id = g)`;
 
 /** The simulator with `agents` agents and, if `divisions` > 0, that many divisions (see divisionsOf). */
 export async function startSim(agents: number, divisions = 0): Promise<Simulator> {

@@ -344,8 +344,11 @@ create trigger agents_in_history
 
 -- agents.id is unique, kept by this trigger rather than by a unique index (migration 15: under an old snapshot, a
 -- unique index made every change of an agent's load read every version the agent had since). An insert, or a
--- change of id, takes a lock on that id (advisory, until commit) and then looks for it: of two transactions adding
--- the same agent, the second waits for the first, then sees its row and fails as a unique index would (23505).
+-- change of id, takes the lock for adding agents (1367, 5: advisory, until commit; one lock however many rows, so
+-- that a pull of ten thousand new agents does not fill the lock table) and then looks for the id: of two
+-- transactions adding the same agent, the second waits for the first, then sees its row and fails as a unique
+-- index would (23505). Adding agents is rare: a roster pull's new agents (sync_agents takes the same lock), a
+-- DBA's insert.
 create function allocator.agents_unique_id()
 returns trigger
 language plpgsql
@@ -354,7 +357,7 @@ begin
   if tg_op = 'UPDATE' and new.id = old.id then
     return new;
   end if;
-  perform pg_advisory_xact_lock(1368, hashint8(new.id));
+  perform pg_advisory_xact_lock(1367, 5);
   if exists (select from allocator.agents a where a.id = new.id) then
     raise exception 'duplicate key value violates unique constraint "agents_id"'
       using errcode = 'unique_violation', detail = format('Key (id)=(%s) already exists.', new.id);

@@ -392,8 +392,9 @@ begin
     end if;
     -- Lock the first `batch` that are still free on their latest version, in order of preference, with the place
     -- of that version for the slot update below.
-    select coalesce(array_agg(f.agent), '{}'), coalesce(array_agg(f.place), '{}') into agents, places
-    from allocator.lock_free_agents(candidates, batch) f;
+    select coalesce(array_agg(f.agent order by f.k), '{}'), coalesce(array_agg(f.place order by f.k), '{}')
+    into agents, places
+    from allocator.lock_free_agents(candidates, batch) with ordinality f(agent, place, k);
     if cardinality(agents) < least(batch, cardinality(candidates)) then
       perform set_config('allocator.contended', 'on', true);  -- see reserve()
     end if;

@@ -147,7 +147,7 @@ begin
   get diagnostics n = row_count;
   -- New agents: one sync at a time inserts, and each looks again under that lock (agents.id has no unique index:
   -- see agents_unique_id), so that two listeners' syncs never both add an agent.
-  perform pg_advisory_xact_lock(1367, 3);
+  perform pg_advisory_xact_lock(1367, 5);
   insert into allocator.agents (id, name, email, type, is_available, force_offline, present, qiscus_load,
                                 external_load, external_seen, pulled_ours, synced_at)
   select c.id, c.name, c.email, c.type, c.is_available, c.force_offline, true, c.qiscus_load, c.by_hand, c.seen,
