@@ -151,8 +151,8 @@ begin
 end;
 $$;
 
--- Frees one of an agent's slots. The caller holds the session row that had it; this is the only place our_load
--- goes down.
+-- Frees one of an agent's slots. The caller holds the session row that had it. (The other way our_load goes down
+-- is a room handed to Qiscus's count, hand_slot_to_qiscus.)
 create function allocator.free_slot(agent bigint)
 returns void
 language plpgsql
@@ -356,6 +356,13 @@ as $$
 begin
   if tg_op = 'UPDATE' and new.id = old.id then
     return new;
+  end if;
+  -- The look must see what was committed up to the lock: a REPEATABLE READ snapshot, taken earlier, would not.
+  -- (SERIALIZABLE finds the conflict itself.)
+  if current_setting('transaction_isolation') = 'repeatable read' then
+    raise exception 'agents are added under READ COMMITTED or SERIALIZABLE, not REPEATABLE READ'
+      using errcode = 'feature_not_supported',
+            hint = 'agents.id is kept unique by a trigger that must see the latest committed rows.';
   end if;
   perform pg_advisory_xact_lock(1367, 5);
   if exists (select from allocator.agents a where a.id = new.id) then

@@ -108,7 +108,7 @@ returns void
 language sql
 as $$
   update allocator.agents
-  set our_load = our_load - 1, external_load = external_load + 1,
+  set our_load = our_load - 1, external_load = external_load + 1, version = version + 1,
       -- `until` later than now: this count is held until a pull after it (the others already held, unless their
       -- hold has passed, with it)
       external_held = case when until > now()

@@ -49,9 +49,11 @@ returns integer
 language plpgsql
 as $$
 declare
-  n     integer;
-  added integer;
-  todo  jsonb;  -- the new agents and the changed rows (see `changed`)
+  n      integer;
+  added  integer;
+  todo   jsonb;             -- the new agents and the changed rows (see `changed`)
+  adding boolean;           -- any new agent among them
+  gone   bigint[] := '{}';  -- present agents a complete pull does not list
 begin
   with incoming as (
     select allocator.json_bigint(a -> 'id')                     as id,
@@ -130,11 +132,27 @@ begin
           (p.name, p.email, p.type, p.is_available, p.force_offline, true, p.qiscus_load,
            allocator.external_after_pull(a, p.by_hand, p.counted, started_at), p.seen, p.counted)
   )
-  select coalesce(jsonb_agg(to_jsonb(c) order by c.id), '[]') into todo from changed c;
+  select coalesce(jsonb_agg(to_jsonb(c) order by c.id), '[]'), coalesce(bool_or(c.new), false)
+  into todo, adding
+  from (select changed.*, not exists (select from allocator.agents a where a.id = changed.id) as new
+        from changed) c;
+  -- Agents that left Qiscus (a complete pull does not list them).
+  if complete then
+    gone := array(select a.id from allocator.agents a
+                  where a.present
+                    and a.id not in (select allocator.json_bigint(x -> 'id') from jsonb_array_elements(roster) x
+                                     where allocator.json_bigint(x -> 'id') is not null));
+  end if;
 
-  -- The agents we know, locked in id order as report() locks them (no deadlock between a sync and a batch), each
-  -- updated from its latest version.
-  perform allocator.lock_agents(array(select (x ->> 'id')::bigint from jsonb_array_elements(todo) x));
+  -- Locks, always in this order: the lock for adding agents first (1367, 5; only when there are new ones: one sync
+  -- at a time adds agents, and each looks again under that lock, since agents.id has no unique index: see
+  -- agents_unique_id), then every agent row this sync changes, in id order as report() locks them. So two syncs,
+  -- a sync and a report, or a sync and a DBA's insert never wait on each other in a circle.
+  if adding then
+    perform pg_advisory_xact_lock(1367, 5);
+  end if;
+  perform allocator.lock_agents(array(select (x ->> 'id')::bigint from jsonb_array_elements(todo) x) || gone);
+
   update allocator.agents a
   set name = c.name, email = c.email, type = c.type, is_available = c.is_available,
       force_offline = c.force_offline, present = true, qiscus_load = c.qiscus_load,
@@ -145,26 +163,22 @@ begin
                                      counted integer)
   where a.id = c.id;
   get diagnostics n = row_count;
-  -- New agents: one sync at a time inserts, and each looks again under that lock (agents.id has no unique index:
-  -- see agents_unique_id), so that two listeners' syncs never both add an agent.
-  perform pg_advisory_xact_lock(1367, 5);
-  insert into allocator.agents (id, name, email, type, is_available, force_offline, present, qiscus_load,
-                                external_load, external_seen, pulled_ours, synced_at)
-  select c.id, c.name, c.email, c.type, c.is_available, c.force_offline, true, c.qiscus_load, c.by_hand, c.seen,
-         c.counted, now()
-  from jsonb_to_recordset(todo) as c(id bigint, name text, email text, type text, is_available boolean,
-                                     force_offline boolean, qiscus_load integer, by_hand integer, seen integer,
-                                     counted integer)
-  where not exists (select from allocator.agents a where a.id = c.id)
-  order by c.id;
-  get diagnostics added = row_count;
-  n := n + added;
+  if adding then
+    insert into allocator.agents (id, name, email, type, is_available, force_offline, present, qiscus_load,
+                                  external_load, external_seen, pulled_ours, synced_at)
+    select c.id, c.name, c.email, c.type, c.is_available, c.force_offline, true, c.qiscus_load, c.by_hand, c.seen,
+           c.counted, now()
+    from jsonb_to_recordset(todo) as c(id bigint, name text, email text, type text, is_available boolean,
+                                       force_offline boolean, qiscus_load integer, by_hand integer, seen integer,
+                                       counted integer)
+    where not exists (select from allocator.agents a where a.id = c.id)
+    order by c.id;
+    get diagnostics added = row_count;
+    n := n + added;
+  end if;
 
   if complete then
-    update allocator.agents a set present = false, synced_at = now()
-    where a.present
-      and a.id not in (select allocator.json_bigint(x -> 'id') from jsonb_array_elements(roster) x
-                       where allocator.json_bigint(x -> 'id') is not null);
+    update allocator.agents a set present = false, synced_at = now() where a.id = any (gone) and a.present;
     -- The newest complete pull wins: two listeners' pulls may commit in either order.
     update allocator.roster_pulls
     set started_at = greatest(roster_pulls.started_at, sync_agents.started_at),

@@ -104,6 +104,11 @@ as $$
   from allocator.sessions s
   where s.open
   group by s.room_id
+  having count(*) > 1
+  union all
+  select 'agent id listed twice', format('agent %s: %s rows', a.id, count(*))  -- kept unique by agents_unique_id
+  from allocator.agents a
+  group by a.id
   having count(*) > 1;
 $$;
 

@@ -621,11 +621,13 @@ export async function runChaos(opts: ChaosOptions = {}): Promise<ChaosReport> {
     /** The allocation webhook of room `r`'s current session (first, again, or a second copy at once). */
     const postNew = (r: Room): Promise<boolean> => {
       const session = r.sessions;
-      const before = liveness.freeSlotsAndWaiting(r.id);
       return viaSim('new_request', r.id, () => sim!.sendNewRequest(r.id, { source: r.source })).then((ok) => {
         if (ok && r.sessions === session && r.state === 'open' && r.acceptedAt === null) {
+          // Free slots against the rooms already waiting, when the allocator learns of this one (its 2xx): asked
+          // before the webhook was sent, two rooms arriving together each counted the one free slot as theirs.
+          const at = liveness.freeSlotsAndWaiting(r.id);
           r.acceptedAt = Date.now();
-          sessionLog.push({ room: r.id, session, acceptedAt: r.acceptedAt, hadFreeSlot: before.free > before.waiting });
+          sessionLog.push({ room: r.id, session, acceptedAt: r.acceptedAt, hadFreeSlot: at.free > at.waiting });
         }
         return ok;
       });

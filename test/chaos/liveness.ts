@@ -246,7 +246,6 @@ export class LivenessWatch {
   private probeStart = 0;
   /** A probe finished slow since the last sample. */
   private probeWasSlow = false;
-  private cached: { at: number; m: ReturnType<LivenessWatch['model']> } | undefined;
   /** The watch's own connection for its probe (the driver's pool may be busy with its own queries). */
   private readonly probe: pg.Pool;
   /** The violation of each room session (one per waiting episode; further free agents are added to it). */
@@ -444,12 +443,12 @@ export class LivenessWatch {
 
   /**
    * For the webhook→assign figure: the free slots of the agents who may serve room `id` now (Qiscus and the
-   * database agreeing), and the other waiting rooms any of them may serve.
+   * database agreeing), and the other waiting rooms any of them may serve. Computed afresh: a room accepted a
+   * moment ago is one of those waiting rooms.
    */
   freeSlotsAndWaiting(id: string): { free: number; waiting: number } {
     const now = Date.now();
-    if (!this.cached || now - this.cached.at > 50) this.cached = { at: now, m: this.model(now) };
-    const m = this.cached.m;
+    const m = this.model(now);
     const room = this.o.room(id);
     const servers = [...m.agents].filter(([a]) => !room || this.mayServe(room, a, m.agents.get(a)!, now) === 'yes');
     let free = 0;

@@ -303,6 +303,15 @@ describe('reservation', () => {
       await a.end();
       await b.end();
     }
+    // Under REPEATABLE READ the look could miss an agent committed after the snapshot: refused.
+    const rr = await db.client();
+    try {
+      await rr.query('begin isolation level repeatable read');
+      await expect(rr.query(`insert into allocator.agents (id) values (4)`)).rejects.toMatchObject({ code: '0A000' });
+      await rr.query('rollback');
+    } finally {
+      await rr.end();
+    }
     const ids = await db.pool.query(`select id, count(*)::int as n from allocator.agents group by id order by id`);
     expect(ids.rows).toEqual([
       { id: '1', n: 1 },
