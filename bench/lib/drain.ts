@@ -100,6 +100,12 @@ export interface DrainRun {
   cpu: CpuReport;
   /** Milliseconds of CPU per room, by process group (peer = the listener(s) or graphile-worker). */
   cpuMsPerRoom: Record<string, number | null>;
+  /**
+   * Transactions committed or rolled back in the run's database per room (pg_stat_database, which PostgreSQL
+   * flushes within a second): how many round trips the peer made per room. For the intermittent slow rounds of two
+   * listeners: more calls per room (wake-ups that find nothing) or the same calls, each dearer.
+   */
+  transactionsPerRoom: number | null;
   memory: Array<{ name: string; peakMiB: number | null }>;
   checks: Record<string, number | boolean | null>;
   /** BENCH_PGSS=1: the costliest statements of the run (also in bench/results/profiles/<label>-pgss.txt). */
@@ -235,6 +241,14 @@ export async function drainRun(ctx: BenchContext, peer: Peer, o: DrainOptions, l
     await prepare(c, db, peer, o);
     if (o.snapshot) snap = await holdSnapshot(db.url);
     await pgssReset(c);
+    const transactions = () =>
+      c
+        .query<{ n: string }>(
+          `select pg_stat_force_next_flush(), (select xact_commit + xact_rollback from pg_stat_database
+                                               where datname = current_database()) as n`,
+        )
+        .then((r) => Number(r.rows[0]!.n));
+    const transactionsBefore = await transactions();
     const logFrom = logOffset(ctx.server.logFile);
     const watch = watchCalls(sim);
     const pgPids = () => (ctx.server.postmasterPid ? processTree(ctx.server.postmasterPid) : []);
@@ -274,6 +288,8 @@ export async function drainRun(ctx: BenchContext, peer: Peer, o: DrainOptions, l
     const cpuReport = cpu.stop();
     const memory = procs.map((p) => ({ name: p.name, peakMiB: p.memory().peak }));
     await Promise.all(procs.map((p) => p.stop()));
+    await sleep(1100); // the peers' last statistics reach pg_stat_database
+    const transactionsPerRoom = done > 0 ? round((await transactions()) - transactionsBefore) / done : null;
     if (snap) {
       await releaseSnapshot(snap);
       snap = null;
@@ -310,6 +326,7 @@ export async function drainRun(ctx: BenchContext, peer: Peer, o: DrainOptions, l
       commitLagMs: completed && n > 0 ? round(end - t[n - 1]!) : null,
       cpu: cpuReport,
       cpuMsPerRoom: { peer: perRoom('peer'), postgres: perRoom('postgres'), 'bench+simulator': perRoom('bench+simulator') },
+      transactionsPerRoom: transactionsPerRoom === null ? null : round(transactionsPerRoom),
       memory,
       checks,
       ...(pgss ? { pgss: pgss.slice(0, 15) } : {}),
@@ -334,7 +351,8 @@ export function describe(r: DrainRun): string {
     `${r.peer.kind === 'listener' && !r.rosterPulled ? ' (first start)' : ''}: ` +
     `${r.roomsPerSecond} rooms/s (${r.done}/${r.rooms} in ${r.seconds} s${r.completed ? '' : ', TIMED OUT'}; ` +
     `startup ${r.startupSeconds} s, steady ${r.steadyRoomsPerSecond}/s, first 5k ${r.first5kRoomsPerSecond}/s, ` +
-    `last 5k ${r.last5kRoomsPerSecond}/s); CPU ms/room: ${cpu}; others ${r.cpu.othersCores} cores; ` +
+    `last 5k ${r.last5kRoomsPerSecond}/s); CPU ms/room: ${cpu}; transactions/room ${r.transactionsPerRoom ?? '—'}; ` +
+    `others ${r.cpu.othersCores} cores; ` +
     `peak RSS ${r.memory.map((m) => m.peakMiB).join('/')} MiB`
   );
 }
