@@ -106,6 +106,8 @@ export interface DrainRun {
    * listeners: more calls per room (wake-ups that find nothing) or the same calls, each dearer.
    */
   transactionsPerRoom: number | null;
+  /** Tables of the allocator's schema that autovacuum analysed or vacuumed during the run (a replan follows). */
+  autovacuum: string[];
   memory: Array<{ name: string; peakMiB: number | null }>;
   checks: Record<string, number | boolean | null>;
   /** BENCH_PGSS=1: the costliest statements of the run (also in bench/results/profiles/<label>-pgss.txt). */
@@ -249,6 +251,7 @@ export async function drainRun(ctx: BenchContext, peer: Peer, o: DrainOptions, l
         )
         .then((r) => Number(r.rows[0]!.n));
     const transactionsBefore = await transactions();
+    const runStart = (await c.query<{ t: Date }>(`select clock_timestamp() as t`)).rows[0]!.t;
     const logFrom = logOffset(ctx.server.logFile);
     const watch = watchCalls(sim);
     const pgPids = () => (ctx.server.postmasterPid ? processTree(ctx.server.postmasterPid) : []);
@@ -290,6 +293,17 @@ export async function drainRun(ctx: BenchContext, peer: Peer, o: DrainOptions, l
     await Promise.all(procs.map((p) => p.stop()));
     await sleep(1100); // the peers' last statistics reach pg_stat_database
     const transactionsPerRoom = done > 0 ? round((await transactions()) - transactionsBefore) / done : null;
+    const autovacuum = (
+      await c.query<{ t: string }>(
+        `select relname || ' ' || concat_ws('+', case when last_autoanalyze >= $1 then 'analyze' end,
+                                                 case when last_autovacuum >= $1 then 'vacuum' end) as t
+         from pg_stat_user_tables
+         where schemaname in ('allocator', 'graphile_worker')
+           and greatest(last_autoanalyze, last_autovacuum) >= $1
+         order by relname`,
+        [runStart],
+      )
+    ).rows.map((r) => r.t);
     if (snap) {
       await releaseSnapshot(snap);
       snap = null;
@@ -327,6 +341,7 @@ export async function drainRun(ctx: BenchContext, peer: Peer, o: DrainOptions, l
       cpu: cpuReport,
       cpuMsPerRoom: { peer: perRoom('peer'), postgres: perRoom('postgres'), 'bench+simulator': perRoom('bench+simulator') },
       transactionsPerRoom: transactionsPerRoom === null ? null : round(transactionsPerRoom),
+      autovacuum,
       memory,
       checks,
       ...(pgss ? { pgss: pgss.slice(0, 15) } : {}),
@@ -352,6 +367,7 @@ export function describe(r: DrainRun): string {
     `${r.roomsPerSecond} rooms/s (${r.done}/${r.rooms} in ${r.seconds} s${r.completed ? '' : ', TIMED OUT'}; ` +
     `startup ${r.startupSeconds} s, steady ${r.steadyRoomsPerSecond}/s, first 5k ${r.first5kRoomsPerSecond}/s, ` +
     `last 5k ${r.last5kRoomsPerSecond}/s); CPU ms/room: ${cpu}; transactions/room ${r.transactionsPerRoom ?? '—'}; ` +
+    `autovacuum during it: ${r.autovacuum.length ? r.autovacuum.join(', ') : 'none'}; ` +
     `others ${r.cpu.othersCores} cores; ` +
     `peak RSS ${r.memory.map((m) => m.peakMiB).join('/')} MiB`
   );
