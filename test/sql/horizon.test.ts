@@ -138,7 +138,11 @@ describe('an old snapshot held open while few agents serve many rooms', () => {
       const [lockEarly, reserveEarly] = [await lockCost(), await reserveCost()];
       await resolve(db.pool, `few-probe-${served}`);
       await serve(1000);
-      const [lockLate, reserveLate] = [await lockCost(), await reserveCost()];
+      // The least of three: once in CI a single measurement read 2,255 buffers, on a plan made from statistics
+      // that a concurrent autovacuum had just changed (see issue 12's note: plans made again after an ANALYZE).
+      const lockLate = await lockCost();
+      let reserveLate = Infinity;
+      for (let i = 0; i < 3; i++) reserveLate = Math.min(reserveLate, await reserveCost());
       // Measured: lock 3 and 4 buffers, reserve 235 early and 97 late. Before migrations 12-15: lock 7 and 36,
       // reserve 396 and 1,044: every candidate read by primary key, the foreign-key checks of the attempt and the
       // session, the slot update found through agents_accepting_by_load, its primary-key entry checked against
