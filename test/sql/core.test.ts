@@ -702,8 +702,10 @@ describe('roster sync', () => {
   });
 
   it('a call made while a pull ran is uncertain for it: counted twice then, it is no longer by hand at the next pull', async () => {
-    const clock = async () => (await db.pool.query(`select clock_timestamp() as t`)).rows[0].t as Date;
-    const sync = (count: number, startedAt: Date) =>
+    // As text: a Date keeps milliseconds, and a confirmation in the same millisecond before the pull began would
+    // read as made after it.
+    const clock = async () => (await db.pool.query(`select clock_timestamp()::text as t`)).rows[0].t as string;
+    const sync = (count: number, startedAt: string) =>
       db.pool.query(`select allocator.sync_agents($1, $2)`, [roster([agent(1, count)]), startedAt]);
     const row = async () =>
       (await db.pool.query(`select our_load, external_load, external_seen, qiscus_load from allocator.agents`)).rows[0];
