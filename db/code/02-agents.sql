@@ -164,19 +164,33 @@ begin
 end;
 $$;
 
--- Takes one slot of an agent if it still accepts rooms and is below capacity. The guarded update is the capacity
--- check: it runs under the row lock, so two transactions cannot both take the last slot.
+-- Takes one slot of each agent whose latest version is at `places` (see lock_agent: the caller holds the locks) that
+-- still accepts rooms and is below capacity; returns how many. The guarded update is the capacity check: it runs
+-- under the row lock, so two transactions cannot both take the last slot. (The guard in a sub-select: as a plain
+-- condition it matches the predicate of agents_accepting_by_load, and a plan made on a small table walked that
+-- index, past every version of every agent an old snapshot keeps, instead of going straight to the places.)
+create function allocator.take_slots(places tid[])
+returns integer
+language plpgsql
+as $$
+declare
+  taken integer;
+begin
+  update allocator.agents a
+  set our_load = a.our_load + 1, last_assigned_at = now(), version = a.version + 1
+  where a.ctid = any (places) and (select allocator.can_take_room(a));
+  get diagnostics taken = row_count;
+  return taken;
+end;
+$$;
+
+-- Takes one slot of an agent if it still accepts rooms and is below capacity (take_slots).
 create function allocator.take_slot(agent bigint)
 returns boolean
 language plpgsql
 as $$
-declare
-  place tid := allocator.lock_agent(agent);
 begin
-  update allocator.agents a
-  set our_load = a.our_load + 1, last_assigned_at = now(), version = a.version + 1
-  where a.ctid = place and (select allocator.can_take_room(a));  -- a sub-select: see reserve_batch's slot update
-  return found;
+  return allocator.take_slots(array[allocator.lock_agent(agent)]) = 1;
 end;
 $$;
 

@@ -35,7 +35,8 @@ returns void
 language plpgsql
 as $$
 declare
-  p allocator.sessions;
+  p     allocator.sessions;
+  place tid;
 begin
   select q.* into p from allocator.sessions q where q.id = previous for no key update;
   if p.attempt_id is not null then
@@ -48,9 +49,10 @@ begin
             and p.late_landing_at > coalesce((select r.started_at from allocator.roster_pulls r), '-infinity')) then
     -- guarded as take_slot is: the count moves from external_load to our_load, the sum stays (an agent counted
     -- above its capacity by a pull keeps the count where it is, and the session queues as any other)
+    place := allocator.lock_agent(p.agent_id);  -- its latest version, as every slot update finds it
     update allocator.agents a
     set our_load = a.our_load + 1, external_load = a.external_load - 1, version = a.version + 1
-    where a.id = p.agent_id and a.external_load > 0 and a.total_load <= allocator.capacity(a.max_load);
+    where a.ctid = place and a.external_load > 0 and a.total_load <= allocator.capacity(a.max_load);
     if found then
       -- late_landing_at stays, as history: the new session, now the room's last, is the one read from here on
       update allocator.sessions set late_service_id = null where id = p.id;
@@ -219,6 +221,8 @@ declare
   service   bigint := allocator.json_bigint(payload -> 'service' -> 'id');
   resolver  bigint := allocator.json_bigint(payload -> 'resolved_by' -> 'id');
   last      allocator.sessions;
+  late_agent bigint;
+  place     tid;
   landed    boolean;
   in_flight boolean;
   late_freed boolean := false;
@@ -238,9 +242,12 @@ begin
     -- still open was queued by a message sent while the room had no agent, i.e. before that service was resolved
     -- (one queued after names it as prior_service_id, below), so the room it waits for is the one just resolved
     -- in Qiscus, and left waiting it would be given a second agent in a room nobody waits in.
-    update allocator.agents a set external_load = greatest(a.external_load - 1, 0), version = a.version + 1
-    from allocator.sessions r
-    where r.room_id = room and r.late_service_id = service and a.id = r.agent_id;
+    for late_agent in select r.agent_id from allocator.sessions r
+                      where r.room_id = room and r.late_service_id = service loop
+      place := allocator.lock_agent(late_agent);  -- its latest version, as every slot update finds it
+      update allocator.agents a set external_load = greatest(a.external_load - 1, 0), version = a.version + 1
+      where a.ctid = place;
+    end loop;
     update allocator.sessions r set late_service_id = null, late_landing_at = null
     where r.room_id = room and r.late_service_id = service;
     late_freed := true;

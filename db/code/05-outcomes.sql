@@ -105,18 +105,22 @@ $$;
 -- Qiscus can no longer be applying the call; see external_after_pull), which sees Qiscus's own count.
 create function allocator.hand_slot_to_qiscus(agent bigint, until timestamptz default null)
 returns void
-language sql
+language plpgsql
 as $$
-  update allocator.agents
-  set our_load = our_load - 1, external_load = external_load + 1, version = version + 1,
+declare
+  place tid := allocator.lock_agent(agent);  -- its latest version, as every slot update finds it
+begin
+  update allocator.agents a
+  set our_load = a.our_load - 1, external_load = a.external_load + 1, version = a.version + 1,
       -- `until` later than now: this count is held until a pull after it (the others already held, unless their
       -- hold has passed, with it)
       external_held = case when until > now()
-                           then case when external_hold_until >= now() then external_held else 0 end + 1
-                           else external_held end,
-      external_hold_until = greatest(external_hold_until, now(), until),
+                           then case when a.external_hold_until >= now() then a.external_held else 0 end + 1
+                           else a.external_held end,
+      external_hold_until = greatest(a.external_hold_until, now(), until),
       external_handed_at = now()
-  where id = agent
+  where a.ctid = place;
+end;
 $$;
 
 -- Until when a call of ours for room `s.room_id` to agent `s.agent_id` may still land: the latest lease end of
