@@ -167,31 +167,11 @@ begin
 end;
 $$;
 
--- Is any waiting room due (not backing off)? A fresh room after the head, or a due room of the rest: two probes.
--- (PL/pgSQL: it keeps its plans. Each written to read one index from its start: with a long queue the planner
--- would turn an EXISTS into a sequential scan that reads the whole history.)
-create function allocator.room_due()
-returns boolean
-language plpgsql stable
-as $$
-begin
-  return (select q.id from allocator.sessions q
-          where q.state = 'waiting' and q.priority = 0 and q.reserved_at is null
-            and q.queued_at >= allocator.queue_head()
-            and q.next_attempt_at <= now()
-          order by q.priority desc, q.queued_at, q.id
-          limit 1) is not null
-      or coalesce((select min(q.next_attempt_at) from allocator.sessions q
-                   where q.state = 'waiting' and (q.reserved_at is not null or q.priority <> 0)) <= now(), false);
-end;
-$$;
-
--- How many rooms are due (not backing off) and hold no slot, counted up to `n`: fresh rooms after the queue head,
--- then the rest, each read from its own index as room_due() does. reserve_batch asks for no more agents than this,
--- so that one room does not read and lock a whole batch of agents: under an old snapshot the agents past the first
--- few lie behind every version their load had since (agents_accepting_by_load), so reading 64 candidates for one
--- room walked 7,000 buffers with 20 agents and 20,000 rooms served. (PL/pgSQL: it keeps its plans.)
-create function allocator.rooms_due(n integer)
+-- How many fresh rooms (never reserved, no priority) after the queue head are due, counted up to `n`: one read of
+-- sessions_fresh from the head. (PL/pgSQL: it keeps its plans. Each probe here is written to read one index from
+-- its start: with a long queue the planner would turn an EXISTS into a sequential scan that reads the whole
+-- history.)
+create function allocator.fresh_rooms_due(n integer)
 returns integer
 language plpgsql stable
 as $$
@@ -200,12 +180,44 @@ begin
                                 where q.state = 'waiting' and q.priority = 0 and q.reserved_at is null
                                   and q.queued_at >= allocator.queue_head() and q.next_attempt_at <= now()
                                 order by q.priority desc, q.queued_at, q.id
-                                limit n) f)
-       + (select count(*) from (select from allocator.sessions q
-                                where q.state = 'waiting' and (q.reserved_at is not null or q.priority <> 0)
-                                  and not q.holds_slot and q.next_attempt_at <= now()
-                                order by q.priority desc, q.queued_at, q.id
-                                limit n) r);
+                                limit n) f);
+end;
+$$;
+
+-- Is any waiting room due (not backing off)? A fresh room after the head, or any of the rest (retries, rooms
+-- with a priority, rooms holding a slot) whose time has come: the first entry of sessions_due.
+create function allocator.room_due()
+returns boolean
+language plpgsql stable
+as $$
+begin
+  return allocator.fresh_rooms_due(1) > 0
+      or coalesce((select min(q.next_attempt_at) from allocator.sessions q
+                   where q.state = 'waiting' and (q.reserved_at is not null or q.priority <> 0)) <= now(), false);
+end;
+$$;
+
+-- How many rooms are due and hold no slot, counted up to `n`: fresh rooms after the queue head, then the rest in
+-- the order their time came (sessions_due: only the due entries are read, however many rooms back off).
+-- reserve_batch asks for no more agents than this, so that one room does not read and lock a whole batch of agents:
+-- under an old snapshot the agents past the first few lie behind every version their load had since
+-- (agents_accepting_by_load), so reading 64 candidates for one room walked 7,000 buffers with 20 agents and 20,000
+-- rooms served.
+create function allocator.rooms_due(n integer)
+returns integer
+language plpgsql stable
+as $$
+declare
+  fresh integer := allocator.fresh_rooms_due(n);
+begin
+  if fresh = n then
+    return n;
+  end if;
+  return fresh + (select count(*) from (select from allocator.sessions q
+                                        where q.state = 'waiting' and (q.reserved_at is not null or q.priority <> 0)
+                                          and q.next_attempt_at <= now() and not q.holds_slot
+                                        order by q.next_attempt_at
+                                        limit n - fresh) r);
 end;
 $$;
 
@@ -460,17 +472,10 @@ begin
     return;
   end if;
 
-  -- The slots: one guarded update for all of them (each agent once), found by the place of their latest version
-  -- (see allocator.lock_agent). Every agent is locked and was free on that version, so each update succeeds; the
-  -- guard and its trigger still stand behind it. (The guard in a sub-select: as a plain condition it matches the
-  -- predicate of agents_accepting_by_load, and a plan made on a small table walked that index, past every version
-  -- of every agent an old snapshot keeps, instead of going straight to the places.)
-  update allocator.agents a
-  set our_load = a.our_load + 1, last_assigned_at = now(), version = a.version + 1
-  where a.ctid = any (slots) and (select allocator.can_take_room(a));
-  get diagnostics i = row_count;
-  if i <> cardinality(paired) then
-    raise exception 'reserve_batch: % of % slots taken', i, cardinality(paired);
+  -- The slots, each agent once, by the place of its latest version. Every agent is locked and was free on that
+  -- version, so each is taken; the guard and its trigger still stand behind it.
+  if allocator.take_slots(slots) <> cardinality(paired) then
+    raise exception 'reserve_batch: not every slot of % taken', cardinality(paired);
   end if;
 
   return query

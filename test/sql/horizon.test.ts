@@ -156,6 +156,31 @@ describe('an old snapshot held open while few agents serve many rooms', () => {
   });
 });
 
+describe('rooms backing off', () => {
+  it('how many rooms are due reads the due ones only, however many back off, whatever the statistics say', async () => {
+    // 3,000 retried rooms, due when the statistics were taken; then Qiscus answers 429 to all of them and they back
+    // off. Behind them 2 retries due, and 3 fresh rooms.
+    await db.pool.query(`insert into allocator.sessions (room_id, queued_at, reserved_at, attempts, next_attempt_at)
+                         select 'b' || g, now() - interval '1 hour' + g * interval '1 ms', now() - interval '1 minute', 1,
+                                now() - interval '1 s'
+                         from generate_series(1, 3000) g`);
+    await db.pool.query('analyze allocator.sessions');
+    await db.pool.query(`update allocator.sessions set next_attempt_at = now() + interval '1 hour'`);
+    await db.pool.query(`insert into allocator.sessions (room_id, queued_at, reserved_at, attempts, next_attempt_at)
+                         select 'due' || g, now() - interval '10 minutes', now() - interval '1 minute', 1, now() - interval '1 s'
+                         from generate_series(1, 2) g`);
+    for (const r of ['f1', 'f2', 'f3']) await queue(db.pool, r);
+    await moveHeads();
+    const due = async (n: number) => (await db.pool.query(`select allocator.rooms_due($1) as n`, [n])).rows[0].n;
+    expect([await due(2), await due(3), await due(4), await due(32)]).toEqual([2, 3, 4, 5]);
+    // Measured: 27 buffers. Read in queue order, each retry's time checked, as rooms_due did before (the plan the
+    // statistics of due retries chose): 4,900-6,100, on every reservation while they back off.
+    expect(await buffersOf('select allocator.rooms_due(32)')).toBeLessThan(100);
+    await addAgents(db.pool, [1, 2, 3, 4, 5, 6]);
+    expect((await reserveRooms(32)).sort()).toEqual(['due1', 'due2', 'f1', 'f2', 'f3']);
+  });
+});
+
 describe('the queue head never hides a room', () => {
   it('a webhook whose transaction began before the head moved is served at its place, at the next reservation', async () => {
     const late = await db.client();
