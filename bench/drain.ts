@@ -11,7 +11,9 @@
  *
  * Knobs: BENCH_DRAIN_ROUNDS (2), BENCH_DRAIN_ROOMS (20000), BENCH_DRAIN_AGENTS (rooms / 2),
  * BENCH_LISTENER_CONCURRENCY (the shipped LISTENER_CONCURRENCY, 32), BENCH_GW_CONCURRENCY (10), BENCH_DRAIN_TIMEOUT_SECONDS (240),
- * BENCH_DRAIN_DIVISIONS (200: the routed run, l1r), BENCH_DRAIN_PEERS (l1f,gw,l1,l2,gwb,l1r: a subset, for profiling), BENCH_PGSS=1 and BENCH_CPU_PROF=1 (profiles).
+ * BENCH_DRAIN_DIVISIONS (200: the routed run, l1r), BENCH_DRAIN_PEERS (l1f,gw,l1,l2,gwb,l1r: a subset, for profiling), BENCH_PGSS=1 and BENCH_CPU_PROF=1 (profiles),
+ * BENCH_DRAIN_ANALYZE_AT=n with BENCH_DRAIN_ANALYZE_VERB (analyze; or vacuum analyze): once n calls were made, the
+ * hot tables analysed, as autovacuum does at a moment of its choosing (see bench/lib/drain.ts).
  */
 import { describe, drainChecks, drainOptions, drainRun, type DrainRun } from './lib/drain.ts';
 import type { Goal } from './lib/results.ts';

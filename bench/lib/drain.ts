@@ -106,7 +106,7 @@ export interface DrainRun {
    * listeners: more calls per room (wake-ups that find nothing) or the same calls, each dearer.
    */
   transactionsPerRoom: number | null;
-  /** Tables of the allocator's schema that autovacuum analysed or vacuumed during the run (a replan follows). */
+  /** Tables that autovacuum analysed or vacuumed during the run, and when (seconds after it began; a replan follows). */
   autovacuum: string[];
   memory: Array<{ name: string; peakMiB: number | null }>;
   checks: Record<string, number | boolean | null>;
@@ -266,7 +266,16 @@ export async function drainRun(ctx: BenchContext, peer: Peer, o: DrainOptions, l
     let done = 0;
     let completed = false;
     let end = NaN;
+    // BENCH_DRAIN_ANALYZE_AT=n: one ANALYZE of the hot tables once n calls were made (what autovacuum does at a
+    // moment it chooses): the statistics of a half-drained queue, and every cached plan made again from them.
+    let analyzeAt = envInt('BENCH_DRAIN_ANALYZE_AT', 0);
     for (;;) {
+      if (analyzeAt > 0 && watch.ok() >= analyzeAt) {
+        analyzeAt = 0;
+        const tables = peer.kind === 'listener' ? 'allocator.sessions, allocator.agents, allocator.attempts' : 'graphile_worker._private_jobs';
+        const verb = process.env.BENCH_DRAIN_ANALYZE_VERB === 'vacuum analyze' ? 'vacuum analyze' : 'analyze';
+        await c.query(`${verb} ${tables}`);
+      }
       for (const p of procs) {
         if (p.child.exitCode !== null || p.child.signalCode !== null) {
           throw new Error(`${p.name} exited:\n${p.lines.slice(-20).join('\n')}`);
@@ -295,8 +304,11 @@ export async function drainRun(ctx: BenchContext, peer: Peer, o: DrainOptions, l
     const transactionsPerRoom = done > 0 ? round((await transactions()) - transactionsBefore) / done : null;
     const autovacuum = (
       await c.query<{ t: string }>(
-        `select relname || ' ' || concat_ws('+', case when last_autoanalyze >= $1 then 'analyze' end,
-                                                 case when last_autovacuum >= $1 then 'vacuum' end) as t
+        `select relname || ' ' || concat_ws(', ',
+                                            case when last_autoanalyze >= $1 then format('analyze at %s s',
+                                              round(extract(epoch from last_autoanalyze - $1)::numeric, 1)) end,
+                                            case when last_autovacuum >= $1 then format('vacuum at %s s',
+                                              round(extract(epoch from last_autovacuum - $1)::numeric, 1)) end) as t
          from pg_stat_user_tables
          where schemaname in ('allocator', 'graphile_worker')
            and greatest(last_autoanalyze, last_autovacuum) >= $1
