@@ -301,7 +301,7 @@ export async function drainRun(ctx: BenchContext, peer: Peer, o: DrainOptions, l
     const memory = procs.map((p) => ({ name: p.name, peakMiB: p.memory().peak }));
     await Promise.all(procs.map((p) => p.stop()));
     await sleep(1100); // the peers' last statistics reach pg_stat_database
-    const transactionsPerRoom = done > 0 ? round((await transactions()) - transactionsBefore) / done : null;
+    const transactionsPerRoom = done > 0 ? round(((await transactions()) - transactionsBefore) / done) : null;
     const autovacuum = (
       await c.query<{ t: string }>(
         `select relname || ' ' || concat_ws(', ',
@@ -352,7 +352,7 @@ export async function drainRun(ctx: BenchContext, peer: Peer, o: DrainOptions, l
       commitLagMs: completed && n > 0 ? round(end - t[n - 1]!) : null,
       cpu: cpuReport,
       cpuMsPerRoom: { peer: perRoom('peer'), postgres: perRoom('postgres'), 'bench+simulator': perRoom('bench+simulator') },
-      transactionsPerRoom: transactionsPerRoom === null ? null : round(transactionsPerRoom),
+      transactionsPerRoom,
       autovacuum,
       memory,
       checks,
